@@ -1,0 +1,1802 @@
+#!/usr/bin/env python3
+"""Gambiarra: pool the local LLMs of everyone on a network into rooms.
+
+One person runs the hub (a laptop, a Raspberry Pi)::
+
+    python3 gambiarra.py serve                 # hub on port 3000, every interface
+
+Anyone creates a room, participants register their OpenAI-compatible servers
+(Ollama, LM Studio, LocalAI, vLLM, llama.cpp...), and any OpenAI client uses
+them through the hub at ``http://HUB:3000/rooms/CODE/v1``::
+
+    python3 gambiarra.py create "Hackathon"    # prints the room code
+    python3 gambiarra.py list                  # rooms, participants, models
+
+The hub keeps the HTTP API of the original Gambiarra (Bun/TypeScript), so its
+SDK, the Vercel AI SDK and the ``openai`` package work unchanged. ``import
+gambiarra`` gives ``Hub`` for scripts and tests.
+
+Standard library only; CPython 3.8 to 3.13. MIT licence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import email.utils
+import errno
+import http.client
+import http.server
+import json
+import logging
+import os
+import queue
+import random
+import re
+import secrets
+import selectors
+import signal
+import socket
+import statistics
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+__version__ = "0.1.0"
+__all__ = ["Hub", "ApiError", "main", "__version__"]
+
+log = logging.getLogger("gambiarra")
+
+
+# === Constants ===
+
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 3000
+DEFAULT_HUB_URL = "http://localhost:3000"
+
+#: Largest request body the hub reads (the OpenAI API has no fixed limit;
+#: 32 MiB fits long chats with images).
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+#: Time to open a TCP connection to a participant's server.
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+#: Longest silence from a backend before its first byte or between chunks.
+#: Generous because models load from disk on their first request.
+DEFAULT_BACKEND_TIMEOUT_S = 300.0
+#: How often participants heartbeat (the original's HEALTH_CHECK_INTERVAL).
+DEFAULT_HEALTH_INTERVAL_S = 10.0
+#: Missed heartbeats before a participant is offline (the original's 3 x 10 s).
+PARTICIPANT_TIMEOUT_HEARTBEATS = 3
+#: An offline participant is removed this long after it went offline.
+DEFAULT_FORGET_AFTER_S = 600.0
+#: Requests a participant serves at once when its join does not say.
+DEFAULT_MAX_CONCURRENT = 4
+
+#: An SSE comment line this often keeps idle event streams open through proxies.
+SSE_KEEPALIVE_S = 15.0
+#: Events queued for one subscriber before it counts as stalled and is dropped.
+SUBSCRIBER_QUEUE_EVENTS = 1024
+#: A client connection idle (or not reading) this long is closed.
+CLIENT_IDLE_TIMEOUT_S = 120.0
+#: listen() backlog; the default of 5 stalls bursts of new connections.
+LISTEN_BACKLOG = 1024
+#: Bytes read from a backend at once while relaying a stream.
+RELAY_READ_BYTES = 16384
+#: Idle keep-alive connections kept per backend.
+POOL_IDLE_PER_BACKEND = 32
+#: A backend that refused a connection is picked last for this long.
+BACKEND_PENALTY_S = 30.0
+#: Unread request bodies up to this size are drained to keep the connection.
+DRAIN_LIMIT_BYTES = 64 * 1024
+#: Time-to-first-byte samples kept per participant for the median.
+TTFT_SAMPLES = 100
+#: Stream tail searched for a final "usage" object (metrics only).
+USAGE_TAIL_BYTES = 4096
+
+#: Room codes: 6 characters without look-alikes (0/O, 1/I/L), upper case.
+ROOM_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
+ROOM_CODE_LENGTH = 6
+
+#: Longest accepted text fields (ids end up in URLs and logs).
+MAX_ID_CHARS = 128
+MAX_NAME_CHARS = 200
+
+CORS_HEADERS = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
+    ("Access-Control-Allow-Headers", "Content-Type, Authorization, X-Gambiarra-Secret"),
+    ("Access-Control-Max-Age", "86400"),
+)
+
+#: OpenAI error "type" by HTTP status, for errors on /v1/* routes.
+OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error",
+                      429: "rate_limit_error"}
+
+
+# === Errors and small helpers ===
+
+class GambiarraError(Exception):
+    """An expected failure with a message meant for people (no traceback)."""
+
+
+class ApiError(GambiarraError):
+    """An HTTP error answer, raised deep inside and rendered once by the handler.
+
+    ``code`` is a short machine-readable reason, used as the OpenAI error code
+    on ``/v1/*`` routes.
+    """
+
+    def __init__(self, status, message, code=None, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = tuple(headers)
+
+
+class ClientGone(Exception):
+    """The HTTP client closed its connection or stopped reading."""
+
+
+def now_ms():
+    """Wall-clock milliseconds, for timestamps shown to people and clients."""
+    return int(time.time() * 1000)
+
+
+def json_bytes(obj):
+    """Compact JSON, ASCII-escaped so lone surrogates cannot break encoding."""
+    return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+def openai_error(status, message, code=None):
+    """The error object OpenAI clients parse: {"error": {message, type, code}}."""
+    kind = OPENAI_ERROR_TYPES.get(status)
+    if kind is None:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+def require_string(body, field, max_chars=MAX_NAME_CHARS, required=True):
+    """Return body[field] as a non-empty string, or raise a 400 naming the field."""
+    value = body.get(field)
+    if value is None or value == "":
+        if required:
+            raise ApiError(400, "Missing required field: %s" % field, "missing_field")
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, "Field '%s' must be a string" % field, "invalid_field")
+    if len(value) > max_chars:
+        raise ApiError(400, "Field '%s' is longer than %d characters" % (field, max_chars),
+                       "invalid_field")
+    return value
+
+
+def optional_object(body, field):
+    """Return body[field] as a dict ({} when absent), or raise a 400."""
+    value = body.get(field)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, "Field '%s' must be an object" % field, "invalid_field")
+    return value
+
+
+def optional_positive_int(body, field, default):
+    value = body.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ApiError(400, "Field '%s' must be a positive integer" % field, "invalid_field")
+    return value
+
+
+def normalize_endpoint(url):
+    """Validate a participant's base URL and drop a trailing "/" or "/v1".
+
+    The hub appends "/v1/chat/completions", so both "http://h:11434" and
+    "http://h:11434/v1/" must end up as "http://h:11434" (no "/v1/v1").
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ApiError(400, "Field 'endpoint' must be an http:// or https:// URL, "
+                            "like http://192.168.1.50:11434", "invalid_field")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[:-3]
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path.rstrip("/"), "", ""))
+
+
+class RepeatingTimer(threading.Timer):
+    """A threading.Timer that calls its function every ``interval`` until cancel()."""
+
+    def run(self):
+        while not self.finished.wait(self.interval):
+            try:
+                self.function(*self.args, **self.kwargs)
+            except Exception:  # a failing tick must not stop the next ones
+                log.exception("periodic task %s failed", self.name)
+
+
+# === Data model and registry ===
+
+class Metrics:
+    """Per-participant counters shown in ``participants`` and the monitor."""
+
+    __slots__ = ("requests", "errors", "ttft_ms", "ttft_samples", "tokens_per_second")
+
+    def __init__(self):
+        self.requests = 0
+        self.errors = 0
+        self.ttft_ms = None
+        self.ttft_samples = collections.deque(maxlen=TTFT_SAMPLES)
+        self.tokens_per_second = None
+
+    def to_json(self):
+        median = statistics.median(self.ttft_samples) if self.ttft_samples else None
+        return {"requests": self.requests, "errors": self.errors, "ttftMs": self.ttft_ms,
+                "ttftMedianMs": median, "tokensPerSecond": self.tokens_per_second}
+
+
+class Participant:
+    """One registered LLM server. Mutated only under the registry's lock."""
+
+    __slots__ = ("id", "nickname", "model", "endpoint", "config", "specs", "transport",
+                 "max_concurrent", "joined_at_ms", "last_seen_ms", "last_seen",
+                 "offline_since", "in_flight", "metrics", "penalized_until")
+
+    def __init__(self, fields, clock):
+        self.id = fields["id"]
+        self.nickname = fields["nickname"]
+        self.model = fields["model"]
+        self.endpoint = fields["endpoint"]
+        self.config = fields["config"]
+        self.specs = fields["specs"]
+        self.transport = fields.get("transport", "direct")
+        self.max_concurrent = fields["maxConcurrent"]
+        self.joined_at_ms = self.last_seen_ms = now_ms()
+        self.last_seen = clock()
+        self.offline_since = None
+        self.in_flight = 0
+        self.metrics = Metrics()
+        self.penalized_until = 0.0
+
+    @property
+    def online(self):
+        return self.offline_since is None
+
+    def status(self):
+        if not self.online:
+            return "offline"
+        return "busy" if self.in_flight >= self.max_concurrent else "online"
+
+    def to_json(self):
+        return {"id": self.id, "nickname": self.nickname, "model": self.model,
+                "endpoint": self.endpoint, "config": self.config, "specs": self.specs,
+                "status": self.status(), "joinedAt": self.joined_at_ms,
+                "lastSeen": self.last_seen_ms, "transport": self.transport,
+                "maxConcurrent": self.max_concurrent, "inFlight": self.in_flight,
+                "metrics": self.metrics.to_json()}
+
+
+class Room:
+    __slots__ = ("id", "code", "name", "host_id", "created_at_ms", "participants")
+
+    def __init__(self, code, name):
+        self.id = secrets.token_urlsafe(15)
+        self.code = code
+        self.name = name
+        self.host_id = secrets.token_hex(16)
+        self.created_at_ms = now_ms()
+        self.participants = {}
+
+    def to_json(self):
+        return {"id": self.id, "code": self.code, "name": self.name,
+                "hostId": self.host_id, "createdAt": self.created_at_ms}
+
+
+class Target:
+    """What the relay needs of a participant, copied out of the registry."""
+
+    __slots__ = ("id", "model", "endpoint", "by_id")
+
+    def __init__(self, participant, by_id):
+        self.id = participant.id
+        self.model = participant.model
+        self.endpoint = participant.endpoint
+        self.by_id = by_id
+
+
+def model_matches(requested, served):
+    """True when a request for ``requested`` may go to a server of ``served``.
+
+    Exact names match; a name without a tag also matches its ":latest"
+    (Ollama lists "llama3:latest" for "llama3").
+    """
+    if requested == served:
+        return True
+    return ":" not in requested and served == requested + ":latest"
+
+
+class Registry:
+    """Every room and participant of the hub.
+
+    One lock, ``_lock``, guards all rooms, participants and their counters.
+    Methods copy out what callers need and return, so no I/O ever happens
+    while it is held; events are returned to the caller to publish.
+    """
+
+    def __init__(self, participant_timeout_s, forget_after_s, clock=time.monotonic):
+        self.participant_timeout_s = participant_timeout_s
+        self.forget_after_s = forget_after_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._rooms = {}  # code -> Room
+
+    # -- rooms --
+
+    def create_room(self, name):
+        with self._lock:
+            code = self._unused_code()
+            room = Room(code, name)
+            self._rooms[code] = room
+            return room.to_json()
+
+    def _unused_code(self):
+        while True:
+            code = "".join(secrets.choice(ROOM_CODE_ALPHABET) for _ in range(ROOM_CODE_LENGTH))
+            if code not in self._rooms:
+                return code
+
+    def list_rooms(self):
+        with self._lock:
+            return [dict(room.to_json(), participantCount=len(room.participants))
+                    for room in self._rooms.values()]
+
+    def _room(self, code):
+        room = self._rooms.get(code.upper())
+        if room is None:
+            raise ApiError(404, "Room not found", "room_not_found")
+        return room
+
+    def room_json(self, code):
+        with self._lock:
+            return self._room(code).to_json()
+
+    # -- participants --
+
+    def join(self, code, fields):
+        """Add or replace a participant; return (participant JSON, room id)."""
+        with self._lock:
+            room = self._room(code)
+            participant = Participant(fields, self.clock)
+            old = room.participants.get(participant.id)
+            if old is not None:  # a re-join keeps the history of the same id
+                participant.metrics = old.metrics
+                participant.in_flight = old.in_flight
+            room.participants[participant.id] = participant
+            return participant.to_json(), room.id
+
+    def leave(self, code, participant_id):
+        with self._lock:
+            room = self._room(code)
+            if room.participants.pop(participant_id, None) is None:
+                raise ApiError(404, "Participant not found", "participant_not_found")
+
+    def heartbeat(self, code, participant_id):
+        """Record a ping; return True when it brought the participant back online."""
+        with self._lock:
+            participant = self._room(code).participants.get(participant_id)
+            if participant is None:
+                raise ApiError(404, "Participant not found", "participant_not_found")
+            participant.last_seen = self.clock()
+            participant.last_seen_ms = now_ms()
+            came_back = not participant.online
+            participant.offline_since = None
+            return came_back
+
+    def participants_json(self, code):
+        with self._lock:
+            return [p.to_json() for p in self._room(code).participants.values()]
+
+    def online_participants_json(self, code):
+        with self._lock:
+            return [p.to_json() for p in self._room(code).participants.values() if p.online]
+
+    def sweep(self):
+        """Mark silent participants offline and forget long-gone ones.
+
+        Returns the events to publish as (room code, event, data) triples.
+        A participant goes offline once per silence, so one event per transition.
+        """
+        now = self.clock()
+        events = []
+        with self._lock:
+            for room in self._rooms.values():
+                for participant in list(room.participants.values()):
+                    if participant.online:
+                        if now - participant.last_seen > self.participant_timeout_s:
+                            participant.offline_since = now
+                            events.append((room.code, "participant:offline",
+                                           {"participantId": participant.id}))
+                    elif now - participant.offline_since > self.forget_after_s:
+                        del room.participants[participant.id]
+                        events.append((room.code, "participant:left",
+                                       {"participantId": participant.id, "reason": "timeout"}))
+        return events
+
+    # -- routing --
+
+    def acquire(self, code, requested, exclude=()):
+        """Pick the participant for a request's ``model`` and count it in flight.
+
+        ``requested`` is a participant id, "model:NAME", a bare model name, or
+        "*"/"any". Among several matches the online one with the fewest
+        requests in flight wins (ties at random); participants whose backend
+        recently refused a connection go last.
+        """
+        with self._lock:
+            room = self._room(code)
+            by_id = room.participants.get(requested)
+            if by_id is not None:
+                if not by_id.online:
+                    raise ApiError(503, "Participant '%s' is offline" % requested,
+                                   "participant_offline")
+                chosen = by_id
+            else:
+                chosen = self._least_busy(room, requested, exclude)
+            chosen.in_flight += 1
+            chosen.metrics.requests += 1
+            return Target(chosen, by_id is not None)
+
+    def _least_busy(self, room, requested, exclude):
+        name = requested[len("model:"):] if requested.startswith("model:") else requested
+        wildcard = requested in ("*", "any", "")
+        candidates = [p for p in room.participants.values()
+                      if p.online and p.id not in exclude
+                      and (wildcard or model_matches(name, p.model))]
+        if not candidates:
+            online = sorted({p.model for p in room.participants.values() if p.online})
+            if online:
+                message = "No online participant serves model '%s'. Online models: %s" % (
+                    requested, ", ".join(online))
+            else:
+                message = "No participant is online in this room"
+            raise ApiError(404, message, "model_not_found")
+        now = self.clock()
+        return min(candidates, key=lambda p: (p.penalized_until > now, p.in_flight,
+                                              random.random()))
+
+    def release(self, code, participant_id, ttft_ms=None, tokens_per_second=None,
+                failed=False, refused=False):
+        """Count a finished request against its participant (if still present)."""
+        with self._lock:
+            room = self._rooms.get(code.upper())
+            participant = room and room.participants.get(participant_id)
+            if not participant:
+                return
+            participant.in_flight = max(0, participant.in_flight - 1)
+            metrics = participant.metrics
+            if failed:
+                metrics.errors += 1
+            if refused:
+                participant.penalized_until = self.clock() + BACKEND_PENALTY_S
+            if ttft_ms is not None:
+                metrics.ttft_ms = ttft_ms
+                metrics.ttft_samples.append(ttft_ms)
+            if tokens_per_second is not None:
+                metrics.tokens_per_second = tokens_per_second
+
+
+# === Event bus ===
+
+class Subscriber:
+    """One open ``/events`` stream: a bounded queue drained by its own thread."""
+
+    def __init__(self, code, sock):
+        self.code = code
+        self.sock = sock
+        self.queue = queue.Queue(SUBSCRIBER_QUEUE_EVENTS)
+
+    def disconnect(self):
+        """Unblock the subscriber's thread, even mid-write to a stalled client."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def sse_frame(event, data):
+    return b"event: %s\ndata: %s\n\n" % (event.encode("ascii"), json_bytes(data))
+
+
+class EventBus:
+    """Per-room fan-out of events to SSE subscribers.
+
+    Publishing never blocks: a subscriber whose queue is full has stopped
+    reading and is dropped. ``_lock`` guards the subscriber sets only.
+    """
+
+    CLOSED = None  # sentinel put in a queue to end its stream
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._rooms = collections.defaultdict(set)
+
+    def subscribe(self, code, sock):
+        subscriber = Subscriber(code, sock)
+        with self._lock:
+            self._rooms[code].add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber):
+        with self._lock:
+            subscribers = self._rooms.get(subscriber.code)
+            if subscribers is not None:
+                subscribers.discard(subscriber)
+                if not subscribers:
+                    del self._rooms[subscriber.code]
+
+    def publish(self, code, event, data):
+        with self._lock:
+            subscribers = list(self._rooms.get(code, ()))
+        if not subscribers:
+            return
+        frame = sse_frame(event, data)
+        for subscriber in subscribers:
+            try:
+                subscriber.queue.put_nowait(frame)
+            except queue.Full:
+                log.info("dropping a stalled event subscriber of room %s", code)
+                self.unsubscribe(subscriber)
+                subscriber.disconnect()
+
+    def close(self):
+        with self._lock:
+            subscribers = [s for group in self._rooms.values() for s in group]
+            self._rooms.clear()
+        for subscriber in subscribers:
+            try:
+                subscriber.queue.put_nowait(self.CLOSED)
+            except queue.Full:
+                subscriber.disconnect()
+
+
+# === Relay ===
+
+class BackendConnection(http.client.HTTPConnection):
+    """HTTP/1.1 connection to a participant's server with Nagle disabled.
+
+    Without TCP_NODELAY, Nagle's algorithm and delayed ACKs add ~40 ms to
+    every small request on a kept-alive connection.
+    """
+
+    def __init__(self, host, port, connect_timeout, read_timeout):
+        super().__init__(host, port, timeout=connect_timeout)
+        self.read_timeout = read_timeout
+
+    def connect(self):
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(self.read_timeout)
+
+
+class BackendHTTPSConnection(http.client.HTTPSConnection):
+    """BackendConnection over TLS (a participant behind an https:// URL)."""
+
+    def __init__(self, host, port, connect_timeout, read_timeout):
+        super().__init__(host, port, timeout=connect_timeout)
+        self.read_timeout = read_timeout
+
+    def connect(self):
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(self.read_timeout)
+
+
+class ConnectionPool:
+    """Idle keep-alive connections to backends, most recently used first.
+
+    ``_lock`` guards the idle lists only; connecting happens outside it.
+    """
+
+    def __init__(self, connect_timeout, read_timeout):
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._lock = threading.Lock()
+        self._idle = collections.defaultdict(list)  # (scheme, host, port) -> [conn]
+        self._closed = False
+
+    def get(self, key):
+        """Return (connection, reused): an idle one if any, else a new one."""
+        with self._lock:
+            idle = self._idle.get(key)
+            conn = idle.pop() if idle else None
+        if conn is not None:
+            return conn, True
+        scheme, host, port = key
+        cls = BackendHTTPSConnection if scheme == "https" else BackendConnection
+        return cls(host, port, self.connect_timeout, self.read_timeout), False
+
+    def put(self, key, conn):
+        with self._lock:
+            idle = self._idle[key]
+            if not self._closed and len(idle) < POOL_IDLE_PER_BACKEND:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+
+class ClientWatcher:
+    """Notices clients that hang up while the hub waits on their backend.
+
+    A relay thread blocked reading a slow backend cannot see its client
+    leave. This one thread selects on every such client socket; on EOF it
+    calls the exchange's ``abort`` so the backend connection is closed at
+    once and the GPU stops working for nobody. ``_lock`` guards the
+    selector's registrations and makes unwatch() a barrier: once it
+    returns, that callback will not run.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="client-watcher", daemon=True)
+        self._thread.start()
+
+    def watch(self, sock, on_gone):
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._selector.register(sock, selectors.EVENT_READ, on_gone)
+            except (ValueError, KeyError, OSError):
+                return  # closed or already watched
+        self._wake()
+
+    def unwatch(self, sock):
+        with self._lock:
+            try:
+                self._selector.unregister(sock)
+            except (ValueError, KeyError, OSError):
+                pass
+
+    def _wake(self):
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def _run(self):
+        while True:
+            ready = self._selector.select()
+            with self._lock:
+                if self._closed:
+                    return
+                for key, _ in ready:
+                    if key.data is None:
+                        self._drain_wakeups()
+                    else:
+                        self._check(key)
+
+    def _drain_wakeups(self):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _check(self, key):
+        """EOF or error: the client is gone. Data: a pipelined request; stop watching."""
+        sock = key.fileobj
+        try:
+            gone = sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            gone = True
+        self._selector.unregister(sock)
+        if gone:
+            key.data()
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+        self._wake()
+        self._thread.join(5)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+class Exchange:
+    """One attempt to get an answer from one backend for one client request.
+
+    ``abort()`` may come from the client watcher or from Hub.close(); it shuts
+    the backend socket down so a relay thread blocked on it wakes at once.
+    """
+
+    def __init__(self):
+        self.conn = None
+        self.client_gone = False
+        self.aborted = False
+
+    def abort(self, client_gone=True):
+        self.client_gone = self.client_gone or client_gone
+        self.aborted = True
+        sock = self.conn.sock if self.conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class BackendFailure(Exception):
+    """A backend could not give an answer. ``before_answer`` allows failover."""
+
+    def __init__(self, status, message, code, before_answer=False, refused=False):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.before_answer = before_answer
+        self.refused = refused
+
+
+_USAGE_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
+class StreamStats:
+    """What the relay learns on the side for metrics; never alters the bytes."""
+
+    __slots__ = ("first_byte_at", "events", "tail")
+
+    def __init__(self):
+        self.first_byte_at = None
+        self.events = 0
+        self.tail = b""
+
+    def saw(self, data, streaming):
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()
+        if streaming:
+            self.events += data.count(b"data:") - data.count(b"data: [DONE]")
+            self.tail = (self.tail + data)[-USAGE_TAIL_BYTES:]
+        else:
+            self.tail = data[-USAGE_TAIL_BYTES:]
+
+    def tokens(self):
+        """Completion tokens from the backend's usage, else the count of events."""
+        found = _USAGE_TOKENS.findall(self.tail)
+        if found:
+            return int(found[-1])
+        return self.events or None
+
+
+class Relay:
+    """Forwards OpenAI requests to participants and their answers back.
+
+    Streams are relayed chunk by chunk as they arrive, never buffered; errors
+    that happen after the answer started end the client's stream with an
+    OpenAI-style error event so SDKs raise instead of returning half an answer.
+    """
+
+    def __init__(self, registry, bus, connect_timeout, backend_timeout):
+        self.registry = registry
+        self.bus = bus
+        self.connect_timeout = connect_timeout
+        self.backend_timeout = backend_timeout
+        self.pool = ConnectionPool(connect_timeout, backend_timeout)
+        self.watcher = ClientWatcher()
+        self._lock = threading.Lock()  # guards _active
+        self._active = set()
+
+    def close(self):
+        with self._lock:
+            active = list(self._active)
+        for exchange in active:
+            exchange.abort(client_gone=False)
+        self.watcher.close()
+        self.pool.close()
+
+    def forward(self, handler, code, api_path, body):
+        """Answer ``handler``'s request from the best participant, failing over.
+
+        A failure before the backend answered (refused, reset) moves on to
+        the next matching participant, unless the client named one by id.
+        """
+        requested = body.get("model")
+        if not isinstance(requested, str):
+            raise ApiError(400, "Missing required field: model" if requested is None
+                           else "Field 'model' must be a string", "invalid_field")
+        tried = set()
+        failure = None
+        while True:
+            try:
+                target = self.registry.acquire(code, requested, exclude=tried)
+            except ApiError:
+                if failure is None:
+                    raise
+                raise ApiError(failure.status, failure.message, failure.code)
+            tried.add(target.id)
+            failure = self._attempt(handler, code, target, api_path, body)
+            if failure is None or not failure.before_answer or target.by_id:
+                if failure is not None:
+                    raise ApiError(failure.status, failure.message, failure.code)
+                return
+
+    def _attempt(self, handler, code, target, api_path, body):
+        """One try against one participant; returns a BackendFailure or None."""
+        request_id = secrets.token_hex(6)
+        started = time.monotonic()
+        self.bus.publish(code, "llm:request", {"participantId": target.id,
+                                               "model": body["model"], "requestId": request_id})
+        payload = json_bytes(dict(body, model=target.model))
+        stats = StreamStats()
+        exchange = Exchange()
+        with self._lock:
+            self._active.add(exchange)
+        self.watcher.watch(handler.connection, exchange.abort)
+        status = None
+        try:
+            status = self._exchange(handler, exchange, target, api_path, payload, stats)
+            failure = None
+        except BackendFailure as exc:
+            failure = exc
+        finally:
+            self.watcher.unwatch(handler.connection)
+            with self._lock:
+                self._active.discard(exchange)
+        self._report(code, target, request_id, body["model"], started, stats, status,
+                     failure, exchange.client_gone)
+        if exchange.client_gone:
+            handler.close_connection = True
+            return None  # nobody is left to answer
+        return failure
+
+    def _report(self, code, target, request_id, model, started, stats, status, failure,
+                client_gone):
+        """Publish llm:complete or llm:error and update the participant's metrics."""
+        ttft_ms = None
+        if stats.first_byte_at is not None:
+            ttft_ms = round((stats.first_byte_at - started) * 1000, 1)
+        if client_gone:
+            self.registry.release(code, target.id, ttft_ms=ttft_ms)
+            self.bus.publish(code, "llm:error", {
+                "participantId": target.id, "requestId": request_id,
+                "error": "client went away before the answer finished"})
+            return
+        if failure is not None:
+            self.registry.release(code, target.id, failed=True, refused=failure.refused)
+            self.bus.publish(code, "llm:error", {"participantId": target.id,
+                                                 "requestId": request_id,
+                                                 "error": failure.message})
+            return
+        duration_s = time.monotonic() - started
+        tokens = stats.tokens()
+        tokens_per_second = None
+        if tokens and stats.first_byte_at is not None:
+            generating_s = time.monotonic() - stats.first_byte_at
+            if generating_s > 0.001 and stats.events > 1:
+                tokens_per_second = round(tokens / generating_s, 1)
+        self.registry.release(code, target.id, ttft_ms=ttft_ms,
+                              tokens_per_second=tokens_per_second,
+                              failed=status is not None and status >= 500)
+        self.bus.publish(code, "llm:complete", {
+            "participantId": target.id, "requestId": request_id, "model": model,
+            "status": status, "ttftMs": ttft_ms, "durationMs": round(duration_s * 1000, 1),
+            "tokens": tokens, "tokensPerSecond": tokens_per_second})
+
+    def _exchange(self, handler, exchange, target, api_path, payload, stats):
+        parts = urllib.parse.urlsplit(target.endpoint)
+        key = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        path = parts.path + api_path
+        conn, response = self._send(key, path, payload, exchange)
+        reusable = False
+        try:
+            reusable = self._relay_response(handler, exchange, response, stats)
+        finally:
+            if reusable and not exchange.aborted:
+                self.pool.put(key, conn)
+            else:
+                conn.close()
+        return response.status
+
+    def _send(self, key, path, payload, exchange):
+        """Send the request and read the answer's head, retrying a stale pooled
+        connection once. Failures here happen before any answer: failover-safe."""
+        for attempt in (1, 2):
+            conn, reused = self.pool.get(key)
+            exchange.conn = conn
+            try:
+                conn.request("POST", path, body=payload,
+                             headers={"Content-Type": "application/json",
+                                      "Accept": "application/json, text/event-stream"})
+                if exchange.aborted:
+                    raise ConnectionAbortedError("client went away")
+                return conn, conn.getresponse()
+            except socket.timeout as exc:
+                connected = conn.sock is not None
+                conn.close()
+                if not connected:  # the TCP connect itself timed out
+                    raise BackendFailure(502, "Participant's server at %s:%s is unreachable "
+                                         "(no connection within %g s)" % (
+                                             key[1], key[2], self.connect_timeout),
+                                         "backend_unreachable", before_answer=True,
+                                         refused=True) from exc
+                raise BackendFailure(504, "Participant's server at %s:%s did not answer "
+                                     "within %g s" % (key[1], key[2], self.backend_timeout),
+                                     "backend_timeout") from exc
+            except (http.client.HTTPException, OSError) as exc:
+                conn.close()
+                if exchange.aborted:
+                    raise BackendFailure(499, "client went away", "client_gone")
+                if reused and attempt == 1:
+                    continue  # the backend closed an idle connection; try a fresh one
+                raise BackendFailure(502, "Participant's server at %s:%s is unreachable (%s)" % (
+                    key[1], key[2], _describe(exc)), "backend_unreachable",
+                    before_answer=True, refused=isinstance(exc, OSError))
+        raise AssertionError("unreachable")
+
+    def _relay_response(self, handler, exchange, response, stats):
+        """Pass the backend's answer through; return True if the connection is reusable."""
+        content_type = response.getheader("Content-Type", "application/json")
+        streaming = response.chunked or response.length is None
+        if not streaming:
+            return self._relay_whole(handler, exchange, response, content_type, stats)
+        handler.start_chunked(response.status, content_type)
+        failure = None
+        while True:
+            try:
+                data = response.read1(RELAY_READ_BYTES)
+            except socket.timeout:
+                failure = ("Participant's server sent nothing for %g s" % self.backend_timeout,
+                           "backend_timeout")
+                break
+            except (http.client.HTTPException, OSError, ValueError) as exc:
+                failure = ("Participant's server broke off the answer (%s)" % _describe(exc),
+                           "backend_disconnected")
+                break
+            if not data:
+                break
+            stats.saw(data, True)
+            try:
+                handler.write_chunk(data)
+            except ClientGone:
+                exchange.client_gone = True
+                break
+        if exchange.client_gone:
+            handler.close_connection = True
+            return False
+        if failure is not None:
+            handler.end_chunked(b"data: " + json_bytes(openai_error(502, *failure)) + b"\n\n")
+            raise BackendFailure(502, failure[0], failure[1])
+        handler.end_chunked()
+        return not response.will_close
+
+    def _relay_whole(self, handler, exchange, response, content_type, stats):
+        try:
+            data = response.read()
+        except socket.timeout:
+            raise BackendFailure(504, "Participant's server sent nothing for %g s"
+                                 % self.backend_timeout, "backend_timeout")
+        except (http.client.HTTPException, OSError) as exc:
+            if exchange.client_gone:
+                handler.close_connection = True
+                return False
+            raise BackendFailure(502, "Participant's server broke off the answer (%s)"
+                                 % _describe(exc), "backend_disconnected")
+        stats.saw(data, False)
+        handler.send_body(response.status, content_type, data)
+        return not response.will_close
+
+
+def _describe(exc):
+    """A short, path-free description of a network error for messages."""
+    if isinstance(exc, http.client.IncompleteRead):
+        return "connection closed mid-answer"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "connection closed without an answer"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return exc.__class__.__name__
+
+
+# === HTTP handler and routes ===
+
+#: Paths whose errors use the OpenAI shape, because OpenAI clients parse them.
+OPENAI_PATH = re.compile(r"^/rooms/[^/]+/v1(/|$)")
+
+#: Every route: (method, path pattern, handler method). HEAD is served by GET.
+ROUTES = (
+    ("GET", r"/health", "route_health"),
+    ("GET", r"/rooms", "route_list_rooms"),
+    ("POST", r"/rooms", "route_create_room"),
+    ("POST", r"/rooms/(?P<code>[^/]+)/join", "route_join"),
+    ("DELETE", r"/rooms/(?P<code>[^/]+)/leave/(?P<participant_id>[^/]+)", "route_leave"),
+    ("POST", r"/rooms/(?P<code>[^/]+)/health", "route_heartbeat"),
+    ("GET", r"/rooms/(?P<code>[^/]+)/participants", "route_participants"),
+    ("GET", r"/rooms/(?P<code>[^/]+)/events", "route_events"),
+    ("GET", r"/rooms/(?P<code>[^/]+)/v1/models", "route_models"),
+    ("POST", r"/rooms/(?P<code>[^/]+)/v1/chat/completions", "route_chat_completions"),
+    ("POST", r"/rooms/(?P<code>[^/]+)/v1/completions", "route_completions"),
+    ("POST", r"/rooms/(?P<code>[^/]+)/v1/embeddings", "route_embeddings"),
+)
+
+
+class Router:
+    """Matches (method, path) against ROUTES: 404 for unknown paths, 405 with
+    ``Allow`` for a known path asked with the wrong method."""
+
+    def __init__(self, routes):
+        self.routes = [(method, re.compile("^%s$" % pattern), name)
+                       for method, pattern, name in routes]
+
+    def match(self, method, path):
+        if method == "HEAD":
+            method = "GET"
+        allowed = []
+        for route_method, pattern, name in self.routes:
+            found = pattern.match(path)
+            if found is None:
+                continue
+            if route_method == method:
+                params = {k: urllib.parse.unquote(v) for k, v in found.groupdict().items()}
+                return name, params
+            allowed.append(route_method)
+        if allowed:
+            methods = set(allowed) | {"OPTIONS"}
+            if "GET" in methods:
+                methods.add("HEAD")
+            allow = ", ".join(sorted(methods))
+            raise ApiError(405, "Method %s is not allowed here; use %s" % (method, allow),
+                           "method_not_allowed", headers=[("Allow", allow)])
+        raise ApiError(404, "Not found: %s" % path, "not_found")
+
+
+ROUTER = Router(ROUTES)
+
+_date_cache = [0, ""]
+
+
+def http_date():
+    """The Date header, formatted once per second (formatdate is slow)."""
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache[:] = [second, email.utils.formatdate(second, usegmt=True)]
+    return _date_cache[1]
+
+
+class HubRequestHandler(http.server.BaseHTTPRequestHandler):
+    """One client connection: parses requests, dispatches through ROUTER,
+    writes JSON, bodies and chunked streams.
+
+    Responses are written with one ``sendall`` per head, body or chunk;
+    HTTP/1.1 keep-alive is the default.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "gambiarra/" + __version__
+    disable_nagle_algorithm = True
+    timeout = CLIENT_IDLE_TIMEOUT_S
+
+    # -- plumbing --
+
+    def setup(self):
+        super().setup()
+        self.hub = self.server.hub
+        self._body_read = True
+        self._head_sent = False
+        self._chunked = False
+        self._openai = False
+
+    def log_message(self, format, *args):  # noqa: A002 (stdlib signature)
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+
+    def _dispatch(self):
+        self._body_read = not (self.headers.get("Content-Length") not in (None, "0")
+                               or self.headers.get("Transfer-Encoding"))
+        self._head_sent = False
+        path = self.path.split("?", 1)[0]
+        self._openai = OPENAI_PATH.match(path) is not None
+        try:
+            if self.command == "OPTIONS":
+                self.send_body(204, None, b"", CORS_HEADERS[1:])
+                return
+            name, params = ROUTER.match(self.command, path)
+            getattr(self, name)(**params)
+        except ApiError as exc:
+            self.send_api_error(exc)
+        except ClientGone:
+            self.close_connection = True
+        except Exception:
+            log.exception("internal error answering %s %s", self.command, path[:200])
+            self.send_api_error(ApiError(500, "Internal error in the hub (see its log)",
+                                         "internal_error"))
+        finally:
+            self._discard_unread_body()
+
+    def handle_expect_100(self):
+        """Refuse an oversized body before the client sends it."""
+        self._openai = OPENAI_PATH.match(self.path.split("?", 1)[0]) is not None
+        try:
+            self._content_length()
+        except ApiError as exc:
+            self.send_api_error(exc)
+            return False
+        return super().handle_expect_100()
+
+    def send_error(self, code, message=None, explain=None):
+        """JSON instead of the stdlib's HTML, for malformed request lines too."""
+        self.close_connection = True
+        self.send_api_error(ApiError(code, message or self.responses.get(code, ("Error",))[0]))
+
+    # -- reading requests --
+
+    def _content_length(self):
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return None
+        try:
+            length = int(raw)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, "Invalid Content-Length header", "invalid_request")
+        if length > self.hub.max_body:
+            self.close_connection = True
+            raise ApiError(413, "Request body is larger than the hub's limit of %d bytes"
+                           % self.hub.max_body, "request_too_large")
+        return length
+
+    def read_body(self):
+        """The whole request body (Content-Length or chunked), within --max-body."""
+        self._body_read = True
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked_body()
+        length = self._content_length() or 0
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise ClientGone()
+        return data
+
+    def _read_chunked_body(self):
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            if not line:
+                raise ClientGone()
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise ApiError(400, "Malformed chunked request body", "invalid_request")
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(parts)
+            total += size
+            if total > self.hub.max_body:
+                self.close_connection = True
+                raise ApiError(413, "Request body is larger than the hub's limit of %d bytes"
+                               % self.hub.max_body, "request_too_large")
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(3)
+
+    def read_json_object(self):
+        data = self.read_body()
+        try:
+            body = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiError(400, "Request body is not UTF-8 text", "invalid_json")
+        except ValueError as exc:
+            raise ApiError(400, "Request body is not valid JSON (%s)" % exc, "invalid_json")
+        if not isinstance(body, dict):
+            raise ApiError(400, "Request body must be a JSON object", "invalid_json")
+        return body
+
+    def _discard_unread_body(self):
+        """Keep the connection usable when a route answered without the body."""
+        if self._body_read or self.close_connection:
+            return
+        try:
+            length = self._content_length()
+        except ApiError:
+            return
+        if length is None or length > DRAIN_LIMIT_BYTES:
+            self.close_connection = True
+        else:
+            self.rfile.read(length)
+
+    # -- writing responses --
+
+    def _head(self, status, headers):
+        reason = self.responses.get(status, ("Unknown",))[0]
+        lines = ["HTTP/1.1 %d %s" % (status, reason), "Server: " + self.server_version,
+                 "Date: " + http_date(), "Access-Control-Allow-Origin: *"]
+        lines.extend("%s: %s" % header for header in headers)
+        if self.close_connection:
+            lines.append("Connection: close")
+        self._head_sent = True
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s -> %d", self.command, self.path[:200], status)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _write(self, data):
+        try:
+            self.wfile.write(data)
+        except OSError:  # reset, broken pipe, or a client that stopped reading
+            self.close_connection = True
+            raise ClientGone()
+
+    def send_body(self, status, content_type, body, headers=()):
+        head = [("Content-Length", str(len(body)))]
+        if content_type:
+            head.append(("Content-Type", content_type))
+        head.extend(headers)
+        data = self._head(status, head)
+        if self.command != "HEAD":
+            data += body
+        self._write(data)
+
+    def send_json(self, status, obj, headers=()):
+        self.send_body(status, "application/json", json_bytes(obj), headers)
+
+    def send_api_error(self, exc):
+        """Render an ApiError in the shape the route's clients parse."""
+        if self._head_sent:  # mid-stream: nothing sensible left to say
+            self.close_connection = True
+            return
+        if self._openai:
+            body = openai_error(exc.status, exc.message, exc.code)
+        else:
+            body = {"error": exc.message}
+        try:
+            self.send_json(exc.status, body, exc.headers)
+        except ClientGone:
+            pass
+
+    def start_chunked(self, status, content_type, headers=()):
+        """Send the head of a streamed answer. HTTP/1.0 clients get a
+        close-delimited body instead of chunked encoding."""
+        self._chunked = self.request_version == "HTTP/1.1"
+        head = [("Content-Type", content_type), ("Cache-Control", "no-cache")]
+        if self._chunked:
+            head.append(("Transfer-Encoding", "chunked"))
+        else:
+            self.close_connection = True
+        head.extend(headers)
+        self._write(self._head(status, head))
+
+    def write_chunk(self, data):
+        if self._chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        self._write(data)
+
+    def end_chunked(self, final=b""):
+        """Send ``final`` (if any) and the last chunk; errors are ignored
+        because the answer is over either way."""
+        data = final
+        if self._chunked:
+            data = (b"%x\r\n%s\r\n" % (len(final), final) if final else b"") + b"0\r\n\r\n"
+        try:
+            self._write(data)
+        except ClientGone:
+            pass
+
+    # -- routes: hub and rooms --
+
+    def route_health(self):
+        self.send_json(200, {"status": "ok", "timestamp": now_ms()})
+
+    def route_list_rooms(self):
+        self.send_json(200, {"rooms": self.hub.registry.list_rooms()})
+
+    def route_create_room(self):
+        body = self.read_json_object()
+        name = body.get("name")
+        if not name:
+            raise ApiError(400, "Name is required", "missing_field")
+        name = require_string(body, "name")
+        room = self.hub.registry.create_room(name)
+        log.info("room %s created: %s", room["code"], name)
+        self.send_json(201, {"room": room, "hostId": room["hostId"]})
+
+    def route_join(self, code):
+        body = self.read_json_object()
+        fields = {
+            "id": require_string(body, "id", MAX_ID_CHARS),
+            "nickname": require_string(body, "nickname"),
+            "model": require_string(body, "model"),
+            "endpoint": normalize_endpoint(require_string(body, "endpoint", 2048)),
+            "specs": optional_object(body, "specs"),
+            "config": optional_object(body, "config"),
+            "maxConcurrent": optional_positive_int(body, "maxConcurrent",
+                                                   DEFAULT_MAX_CONCURRENT),
+        }
+        require_string(body, "password", required=False)
+        participant, room_id = self.hub.registry.join(code, fields)
+        code = code.upper()
+        log.info("%s joined room %s serving %s", participant["nickname"], code,
+                 participant["model"])
+        self.hub.bus.publish(code, "participant:joined", participant)
+        self.send_json(201, {"participant": participant, "roomId": room_id,
+                             "healthInterval": int(self.hub.health_interval * 1000)})
+
+    def route_leave(self, code, participant_id):
+        self.hub.registry.leave(code, participant_id)
+        self.hub.bus.publish(code.upper(), "participant:left",
+                             {"participantId": participant_id, "reason": "left"})
+        self.send_json(200, {"success": True})
+
+    def route_heartbeat(self, code):
+        body = self.read_json_object()
+        participant_id = require_string(body, "id", MAX_ID_CHARS)
+        if self.hub.registry.heartbeat(code, participant_id):
+            self.hub.bus.publish(code.upper(), "participant:online",
+                                 {"participantId": participant_id})
+        self.send_json(200, {"success": True})
+
+    def route_participants(self, code):
+        self.send_json(200, {"participants": self.hub.registry.participants_json(code)})
+
+    def route_events(self, code):
+        """Server-sent events of one room until the client or the hub goes."""
+        code = self.hub.registry.room_json(code)["code"]
+        self.close_connection = True  # an event stream ends its connection
+        if self.command == "HEAD":
+            self.start_chunked(200, "text/event-stream")
+            return
+        subscriber = self.hub.bus.subscribe(code, self.connection)
+        try:
+            self.start_chunked(200, "text/event-stream", [("X-Accel-Buffering", "no")])
+            self.write_chunk(sse_frame("connected", {"clientId": secrets.token_hex(8)}))
+            while True:
+                try:
+                    frame = subscriber.queue.get(timeout=self.hub.sse_keepalive)
+                except queue.Empty:
+                    frame = b": keep-alive\n\n"
+                if frame is EventBus.CLOSED:
+                    break
+                self.write_chunk(frame)
+            self.end_chunked()
+        finally:
+            self.hub.bus.unsubscribe(subscriber)
+
+    # -- routes: the OpenAI-compatible API --
+
+    def route_models(self, code):
+        models = [{"id": p["id"], "object": "model", "created": p["joinedAt"] // 1000,
+                   "owned_by": p["nickname"],
+                   "gambiarra": {"nickname": p["nickname"], "model": p["model"],
+                                 "endpoint": p["endpoint"]}}
+                  for p in self.hub.registry.online_participants_json(code)]
+        self.send_json(200, {"object": "list", "data": models})
+
+    def _relay(self, code, api_path):
+        self.hub.registry.room_json(code)  # 404 before reading a body for nothing
+        self.hub.relay.forward(self, code.upper(), api_path, self.read_json_object())
+
+    def route_chat_completions(self, code):
+        self._relay(code, "/v1/chat/completions")
+
+    def route_completions(self, code):
+        self._relay(code, "/v1/completions")
+
+    def route_embeddings(self, code):
+        self._relay(code, "/v1/embeddings")
+
+
+class HubServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer that knows its connections, so close() can end them.
+
+    ``_lock`` guards ``_connections`` (socket -> handler thread).
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address, hub):
+        self.hub = hub
+        self._lock = threading.Lock()
+        self._connections = {}
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, HubRequestHandler)
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address), name="http", daemon=True)
+        with self._lock:
+            self._connections[request] = thread
+        thread.start()
+
+    def shutdown_request(self, request):
+        with self._lock:
+            self._connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            log.debug("connection from %s ended: %r", client_address[0], exc)
+        else:
+            log.exception("unexpected error on a connection from %s", client_address[0])
+
+    def close_connections(self, timeout):
+        """End every open connection and wait (bounded) for their threads."""
+        with self._lock:
+            connections = list(self._connections.items())
+        for sock, _ in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for _, thread in connections:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class Hub:
+    """The Gambiarra hub: rooms, participants, the relay and the events.
+
+    >>> with Hub(port=0) as hub:          # doctest: +SKIP
+    ...     urllib.request.urlopen(hub.url + "/health")
+
+    ``start()`` binds and serves in background threads; ``close()`` stops
+    them all and releases every socket. Options match ``serve``'s flags.
+    """
+
+    def __init__(self, host="127.0.0.1", port=0, max_body=DEFAULT_MAX_BODY_BYTES,
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT_S,
+                 backend_timeout=DEFAULT_BACKEND_TIMEOUT_S,
+                 health_interval=DEFAULT_HEALTH_INTERVAL_S, participant_timeout=None,
+                 forget_after=DEFAULT_FORGET_AFTER_S, sse_keepalive=SSE_KEEPALIVE_S):
+        self.host = host
+        self.port = port
+        self.max_body = max_body
+        self.connect_timeout = connect_timeout
+        self.backend_timeout = backend_timeout
+        self.health_interval = health_interval
+        if participant_timeout is None:
+            participant_timeout = PARTICIPANT_TIMEOUT_HEARTBEATS * health_interval
+        self.participant_timeout = participant_timeout
+        self.forget_after = forget_after
+        self.sse_keepalive = sse_keepalive
+        self.registry = Registry(participant_timeout, forget_after)
+        self.bus = EventBus()
+        self.relay = None
+        self.server = None
+        self._threads = []
+        self._sweeper = None
+        self._closed = False
+
+    def start(self):
+        """Bind and serve. Raises OSError (e.g. EADDRINUSE) if the port is taken."""
+        self.server = HubServer((self.host, self.port), self)
+        self.port = self.server.server_address[1]
+        self.relay = Relay(self.registry, self.bus, self.connect_timeout, self.backend_timeout)
+        serving = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
+                                   name="http-accept", daemon=True)
+        serving.start()
+        self._threads.append(serving)
+        period = max(0.01, min(self.health_interval, self.participant_timeout,
+                               self.forget_after) / 4)
+        self._sweeper = RepeatingTimer(period, self.sweep)
+        self._sweeper.name = "health-sweep"
+        self._sweeper.daemon = True
+        self._sweeper.start()
+        log.debug("hub listening on %s", self.url)
+        return self
+
+    @property
+    def url(self):
+        host = self.host
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = "[%s]" % host
+        return "http://%s:%d" % (host, self.port)
+
+    def sweep(self):
+        """One health sweep: publish what changed (outside the registry lock)."""
+        for code, event, data in self.registry.sweep():
+            log.info("participant %s in room %s: %s", data["participantId"], code,
+                     event.split(":")[1])
+            self.bus.publish(code, event, data)
+
+    def close(self):
+        """Stop serving and release every thread, timer and socket (idempotent)."""
+        if self._closed or self.server is None:
+            self._closed = True
+            return
+        self._closed = True
+        self._sweeper.cancel()
+        self.server.shutdown()
+        self.server.server_close()
+        self.bus.close()
+        self.relay.close()
+        self.server.close_connections(timeout=5)
+        for thread in self._threads + [self._sweeper]:
+            thread.join(5)
+
+    def __enter__(self):
+        if self.server is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def local_ipv4_addresses():
+    """Every IPv4 address of this machine that others could reach, best first.
+
+    The stdlib has no interface list with addresses; combine the address
+    used for the default route, the host name's addresses and, on Linux, each
+    interface's address (SIOCGIFADDR).
+    """
+    found = []
+
+    def add(address):
+        if address and not address.startswith("127.") and address not in found:
+            found.append(address)
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 1))  # no packet is sent for UDP connect
+        add(probe.getsockname()[0])
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            add(info[4][0])
+    except OSError:
+        pass
+    for address in _linux_interface_addresses():
+        add(address)
+    return found
+
+
+def _linux_interface_addresses():
+    try:
+        import fcntl
+        import struct
+        names = [name for _, name in socket.if_nameindex()]
+    except (ImportError, OSError, AttributeError):
+        return []
+    addresses = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for name in names:
+            try:
+                packed = fcntl.ioctl(sock.fileno(), 0x8915,  # SIOCGIFADDR
+                                     struct.pack("256s", name[:15].encode()))
+                addresses.append(socket.inet_ntoa(packed[20:24]))
+            except OSError:
+                continue
+    return addresses
+
+
+# === CLI ===
+
+EPILOG_SERVE = """examples:
+  python3 gambiarra.py serve                    # port 3000 on every interface
+  python3 gambiarra.py serve --port 8000 --quiet
+  python3 gambiarra.py serve --health-interval 2 --backend-timeout 60
+"""
+
+
+def positive_float(text):
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="gambiarra.py",
+        description="Pool the local LLMs of everyone on the network into rooms, "
+                    "behind one OpenAI-compatible hub.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="gambiarra " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="run a hub", epilog=EPILOG_SERVE,
+        description="Run a hub that rooms, participants and OpenAI clients connect to.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--host", default=DEFAULT_HOST,
+                       help="address to listen on (default: %(default)s, every interface)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help="TCP port (default: %(default)s; 0 picks a free one)")
+    serve.add_argument("--quiet", action="store_true", help="print warnings and errors only")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"],
+                       help="log detail (default: %(default)s)")
+    serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
+                       help="largest request body accepted (default: %(default)s)")
+    serve.add_argument("--connect-timeout", type=positive_float,
+                       default=DEFAULT_CONNECT_TIMEOUT_S, metavar="S",
+                       help="seconds to connect to a participant's server "
+                            "(default: %(default)s)")
+    serve.add_argument("--backend-timeout", type=positive_float,
+                       default=DEFAULT_BACKEND_TIMEOUT_S, metavar="S",
+                       help="longest silence from a participant's server before its first "
+                            "byte or between chunks (default: %(default)s)")
+    serve.add_argument("--health-interval", type=positive_float,
+                       default=DEFAULT_HEALTH_INTERVAL_S, metavar="S",
+                       help="seconds between participant heartbeats (default: %(default)s)")
+    serve.add_argument("--participant-timeout", type=positive_float, default=None, metavar="S",
+                       help="silence before a participant is offline "
+                            "(default: 3 x --health-interval)")
+    serve.add_argument("--forget-after", type=positive_float, default=DEFAULT_FORGET_AFTER_S,
+                       metavar="S", help="seconds offline before a participant is removed "
+                                         "(default: %(default)s)")
+    serve.set_defaults(func=cmd_serve)
+
+    create = commands.add_parser("create", help="create a room",
+                                 description="Create a room on a hub and print its code.")
+    create.add_argument("name", nargs="?", default=None, help="room name")
+    add_hub_argument(create)
+    create.add_argument("--json", action="store_true", help="print the hub's answer as JSON")
+    create.set_defaults(func=cmd_create)
+
+    rooms = commands.add_parser("list", help="list rooms",
+                                description="List the rooms of a hub.")
+    add_hub_argument(rooms)
+    rooms.add_argument("--json", action="store_true", help="print the hub's answer as JSON")
+    rooms.set_defaults(func=cmd_list)
+    return parser
+
+
+def add_hub_argument(parser):
+    parser.add_argument("--hub", default=os.environ.get("GAMBIARRA_HUB") or DEFAULT_HUB_URL,
+                        help="hub URL (default: $GAMBIARRA_HUB or %s)" % DEFAULT_HUB_URL)
+
+
+def print_banner(hub):
+    port = hub.port
+    if hub.host in ("0.0.0.0", "::", ""):
+        hosts = ["localhost"] + local_ipv4_addresses()
+    else:
+        hosts = [hub.host]
+    urls = ["http://%s:%d" % (host, port) for host in hosts]
+    lines = ["Gambiarra hub %s is running. Use one of:" % __version__]
+    lines += ["  " + url for url in urls]
+    lines += ["", "Create a room:   python3 gambiarra.py create \"My room\" --hub %s" % urls[-1],
+              "  or with curl:  curl -X POST %s/rooms -H 'Content-Type: application/json' "
+              "-d '{\"name\": \"My room\"}'" % urls[-1],
+              "OpenAI clients:  base URL %s/rooms/CODE/v1" % urls[-1],
+              "Press Ctrl-C to stop."]
+    print("\n".join(lines), flush=True)
+
+
+def cmd_serve(args):
+    level = logging.WARNING if args.quiet else getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    hub = Hub(args.host, args.port, max_body=args.max_body,
+              connect_timeout=args.connect_timeout, backend_timeout=args.backend_timeout,
+              health_interval=args.health_interval,
+              participant_timeout=args.participant_timeout, forget_after=args.forget_after)
+    try:
+        hub.start()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise GambiarraError(
+                "port %d is already in use (another gambiarra hub?). Try: "
+                "python3 gambiarra.py serve --port %d" % (args.port, args.port + 1))
+        raise GambiarraError("cannot listen on %s:%d: %s" % (args.host, args.port,
+                                                              exc.strerror or exc))
+    if not args.quiet:
+        print_banner(hub)
+    stop = threading.Event()
+    stopped_by = []
+
+    def on_signal(signum, frame):
+        stopped_by.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stop.wait(1):
+            pass
+    finally:
+        log.info("shutting down")
+        hub.close()
+    return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
+
+
+def hub_request(hub_url, method, path, body=None, timeout=10):
+    """Call a management route; return the decoded JSON or raise GambiarraError."""
+    data = json_bytes(body) if body is not None else None
+    request = urllib.request.Request(hub_url.rstrip("/") + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read().decode("utf-8"))["error"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise GambiarraError("the hub at %s answered %d: %s" % (hub_url, exc.code, message))
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise GambiarraError("cannot reach the hub at %s (%s). Is it running? Start one with "
+                             "'python3 gambiarra.py serve' or pass --hub URL" % (hub_url, reason))
+
+
+def cmd_create(args):
+    name = args.name or "%s's room" % (os.environ.get("USER") or "gambiarra")
+    answer = hub_request(args.hub, "POST", "/rooms", {"name": name})
+    room = answer["room"]
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(room["code"])
+        print("Room '%s' created. OpenAI base URL: %s/rooms/%s/v1" % (
+            room["name"], args.hub.rstrip("/"), room["code"]), file=sys.stderr)
+    return 0
+
+
+def cmd_list(args):
+    answer = hub_request(args.hub, "GET", "/rooms")
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    if not answer["rooms"]:
+        print("No rooms yet. Create one: python3 gambiarra.py create NAME", file=sys.stderr)
+    for room in answer["rooms"]:
+        print("%s  %-30s %d participant(s)" % (room["code"], room["name"],
+                                               room["participantCount"]))
+    return 0
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status (0, 1, 2 or 130)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GambiarraError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -189,8 +189,7 @@ class HubTestCase(unittest.TestCase):
 
     def setUp(self):
         self.threads_before = threading.active_count()
-        options = dict(health_interval=0.2, participant_timeout=0.3, forget_after=0.6,
-                       connect_timeout=2, backend_timeout=5)
+        options = dict(connect_timeout=2, backend_timeout=5)
         options.update(self.hub_options)
         self.hub = gambiarra.Hub("127.0.0.1", 0, **options).start()
         self.addCleanup(self.check_no_thread_leak)
@@ -348,7 +347,7 @@ class TestHttpApi(HubTestCase):
         backend = self.backend()
         answer = self.join(code, backend, specs={"gpu": "none"}, config={"temperature": 0.2})
         participant = answer["participant"]
-        self.assertEqual(answer["healthInterval"], 200)
+        self.assertEqual(answer["healthInterval"], 10000)
         self.assertTrue(answer["roomId"])
         for field in ("id", "nickname", "model", "endpoint", "config", "specs", "status",
                       "joinedAt", "lastSeen", "transport", "maxConcurrent", "inFlight",
@@ -529,3 +528,360 @@ class TestBodyLimit(HubTestCase):
                                          headers={"Expect": "100-continue"})
         self.assertEqual(status, 413)
         self.assertIn("limit", answer["error"])
+
+
+# === Relay ===
+
+class TestRelay(HubTestCase):
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.fake = self.backend()
+        self.join(self.code, self.fake)
+        self.chat_path = "/rooms/%s/v1/chat/completions" % self.code
+
+    def test_non_streaming_answer_is_relayed_with_model_replaced(self):
+        status, response, answer = self.chat(self.code, "alice", temperature=0.5,
+                                             extra={"kept": [1, "ü"]})
+        self.assertEqual(status, 200)
+        self.assertEqual(answer["choices"][0]["message"]["content"], "tok0 tok1 tok2 ")
+        sent = self.fake.last_body()
+        self.assertEqual(sent["model"], "fake-model")
+        self.assertEqual(sent["temperature"], 0.5)
+        self.assertEqual(sent["extra"], {"kept": [1, "ü"]})
+        self.assertEqual(sent["messages"], [{"role": "user", "content": "hi"}])
+
+    def test_backend_errors_are_passed_through(self):
+        status, response, answer = self.chat(self.code, "alice", fake={"status": 422})
+        self.assertEqual(status, 422)
+        self.assertEqual(response.getheader("Content-Type"), "application/json")
+        self.assertEqual(answer["error"]["message"], "fake failure")
+
+    def test_stream_is_relayed_event_by_event(self):
+        conn, response = self.open_stream(self.chat_path, {
+            "model": "alice", "stream": True, "fake": {"chunks": 3, "stall_after": 1}})
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
+        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        # The backend holds the second event until released: the first must
+        # already be here, so the hub does not buffer.
+        first = response.read1(65536)
+        self.assertIn(b'"seq": 0', first)
+        self.fake.release.set()
+        rest = response.read()
+        events = sse_events(first + rest)
+        self.assertEqual([json.loads(d)["seq"] for _, d in events[:-1]], [0, 1, 2])
+        self.assertEqual(events[-1][1], "[DONE]")
+
+    def test_keep_alive_connection_serves_several_requests(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        for stream in (False, True, False):
+            conn.request("POST", self.chat_path, body=json.dumps(
+                {"model": "*", "stream": stream}).encode())
+            response = conn.getresponse()
+            self.assertEqual(response.status, 200)
+            self.assertIn(b"tok2", response.read())
+        self.assertIsNotNone(conn.sock)  # never reconnected
+
+    def test_completions_and_embeddings_are_routed(self):
+        path = "/rooms/%s/v1/completions" % self.code
+        status, _, answer = self.request("POST", path, {"model": "fake-model", "prompt": "x"})
+        self.assertEqual((status, answer["choices"][0]["text"]), (200, "tok0 tok1 tok2 "))
+        self.assertEqual(self.fake.requests[-1][0], "/v1/completions")
+        path = "/rooms/%s/v1/embeddings" % self.code
+        status, _, answer = self.request("POST", path, {"model": "fake-model", "input": "x"})
+        self.assertEqual((status, answer["data"][0]["embedding"]), (200, [0.1, 0.2, 0.3]))
+        self.assertEqual(self.fake.requests[-1], ("/v1/embeddings",
+                                                  {"model": "fake-model", "input": "x"}))
+
+    def test_endpoint_with_v1_suffix_is_not_doubled(self):
+        other = self.backend(models=["other"])
+        self.join(self.code, other, pid="bob", endpoint=other.url + "/v1/")
+        status, _, _ = self.chat(self.code, "bob")
+        self.assertEqual(status, 200)
+        self.assertEqual(other.requests[-1][0], "/v1/chat/completions")
+
+    def test_backend_dies_mid_stream_ends_with_error_event(self):
+        conn, response = self.open_stream(self.chat_path, {
+            "model": "alice", "stream": True, "fake": {"chunks": 5, "die_after": 2}})
+        self.assertEqual(response.status, 200)
+        events = sse_events(response.read())  # the stream must end, not hang
+        self.assertEqual(len(events), 3)
+        error = json.loads(events[-1][1])["error"]
+        self.assertEqual(set(error), {"message", "type", "code"})
+        self.assertEqual(error["code"], "backend_disconnected")
+
+    def test_client_leaving_closes_the_backend_connection(self):
+        for fake in ({"stall_before": True}, {"chunks": 3, "stall_after": 1}):
+            self.fake.disconnected.clear()
+            count = len(self.fake.requests)
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+            conn.request("POST", self.chat_path, body=json.dumps(
+                {"model": "alice", "stream": True, "fake": fake}).encode())
+            self.assertTrue(wait_until(lambda: len(self.fake.requests) > count))
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+            self.assertTrue(self.fake.disconnected.wait(WAIT_S), fake)
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+        _, _, listing = self.request("GET", "/rooms/%s/participants" % self.code)
+        self.assertTrue(wait_until(lambda: self.request(
+            "GET", "/rooms/%s/participants" % self.code)[2]["participants"][0]["inFlight"] == 0))
+
+    def test_client_leaving_a_non_streaming_request_closes_the_backend(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        conn.request("POST", self.chat_path, body=json.dumps(
+            {"model": "alice", "fake": {"stall_before": True}}).encode())
+        wait_until(lambda: self.fake.requests)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        self.assertTrue(self.fake.disconnected.wait(WAIT_S))
+
+    def test_metrics_and_events_after_a_request(self):
+        events = EventStream(self.port, self.code)
+        self.addCleanup(events.close)
+        self.assertEqual(events.next_event()[0], "connected")
+        conn, response = self.open_stream(self.chat_path, {
+            "model": "alice", "stream": True, "fake": {"chunks": 4, "usage": True, "delay": 0.005}})
+        response.read()
+        name, request = events.next_event()
+        self.assertEqual((name, request["participantId"], request["model"]),
+                         ("llm:request", "alice", "alice"))
+        name, complete = events.next_event()
+        self.assertEqual(name, "llm:complete")
+        self.assertEqual(complete["status"], 200)
+        self.assertEqual(complete["tokens"], 42)  # from the backend's usage
+        for field in ("ttftMs", "durationMs", "tokensPerSecond"):
+            self.assertIsInstance(complete[field], (int, float), field)
+        _, _, listing = self.request("GET", "/rooms/%s/participants" % self.code)
+        metrics = listing["participants"][0]["metrics"]
+        self.assertEqual((metrics["requests"], metrics["errors"]), (1, 0))
+        self.assertIsNotNone(metrics["ttftMs"])
+        self.assertIsNotNone(metrics["ttftMedianMs"])
+
+    def test_tokens_are_counted_from_chunks_without_usage(self):
+        events = EventStream(self.port, self.code)
+        self.addCleanup(events.close)
+        self.open_stream(self.chat_path, {"model": "alice", "stream": True,
+                                          "fake": {"chunks": 5}})[1].read()
+        _, complete = events.next_event(skip=("connected", "llm:request"))
+        self.assertEqual(complete["tokens"], 5)
+
+
+class TestRelayTimeouts(HubTestCase):
+    hub_options = {"backend_timeout": 0.3, "connect_timeout": 0.5}
+
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.fake = self.backend()
+        self.join(self.code, self.fake)
+
+    def test_silent_backend_before_the_answer_gives_504(self):
+        status, _, answer = self.chat(self.code, "alice", fake={"stall_before": True})
+        self.assertEqual(status, 504)
+        self.assertEqual(answer["error"]["code"], "backend_timeout")
+
+    def test_silent_backend_mid_stream_ends_with_error_event(self):
+        conn, response = self.open_stream("/rooms/%s/v1/chat/completions" % self.code, {
+            "model": "alice", "stream": True, "fake": {"chunks": 3, "stall_after": 1}})
+        events = sse_events(response.read())
+        self.assertEqual(json.loads(events[0][1])["seq"], 0)
+        self.assertEqual(json.loads(events[-1][1])["error"]["code"], "backend_timeout")
+
+    def test_unreachable_backend_gives_502_and_an_llm_error_event(self):
+        events = EventStream(self.port, self.code)
+        self.addCleanup(events.close)
+        self.join(self.code, self.fake, pid="ghost", endpoint="http://127.0.0.1:%d" % free_port())
+        status, _, answer = self.chat(self.code, "ghost")
+        self.assertEqual(status, 502)
+        self.assertEqual(answer["error"]["code"], "backend_unreachable")
+        self.assertEqual(answer["error"]["type"], "server_error")
+        _, error = events.next_event(skip=("connected", "participant:joined", "llm:request"))
+        self.assertEqual(error["participantId"], "ghost")
+        self.assertIsInstance(error["error"], str)
+
+
+class TestRouting(HubTestCase):
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+
+    def served_by(self, model):
+        status, _, answer = self.chat(self.code, model)
+        self.assertEqual(status, 200, answer)
+        return answer["model"]
+
+    def test_model_forms(self):
+        llama = self.backend(models=["llama3:latest"])
+        qwen = self.backend(models=["qwen2"])
+        self.join(self.code, llama, pid="alice")
+        self.join(self.code, qwen, pid="bob")
+        self.assertEqual(self.served_by("alice"), "llama3:latest")
+        self.assertEqual(self.served_by("bob"), "qwen2")
+        self.assertEqual(self.served_by("model:qwen2"), "qwen2")
+        self.assertEqual(self.served_by("qwen2"), "qwen2")
+        self.assertEqual(self.served_by("llama3"), "llama3:latest")
+        self.assertEqual(self.served_by("model:llama3:latest"), "llama3:latest")
+        self.assertIn(self.served_by("*"), ("llama3:latest", "qwen2"))
+        self.assertIn(self.served_by("any"), ("llama3:latest", "qwen2"))
+
+    def test_unknown_model_lists_online_models(self):
+        self.join(self.code, self.backend(models=["qwen2"]))
+        status, _, answer = self.chat(self.code, "mistral")
+        self.assertEqual(status, 404)
+        self.assertIn("qwen2", answer["error"]["message"])
+        self.assertEqual(answer["error"]["code"], "model_not_found")
+
+    def test_least_busy_participant_is_picked(self):
+        first, second = self.backend(), self.backend()
+        self.join(self.code, first, pid="alice")
+        conn, _ = None, None
+        # Keep alice busy with a stalled request, then bob joins with the same model.
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/rooms/%s/v1/chat/completions" % self.code, body=json.dumps(
+            {"model": "fake-model", "fake": {"stall_before": True}}).encode())
+        self.assertTrue(wait_until(lambda: first.requests))
+        self.join(self.code, second, pid="bob")
+        for _ in range(5):
+            self.assertEqual(self.chat(self.code, "fake-model")[0], 200)
+        self.assertEqual(len(second.requests), 5)
+        first.release.set()
+        self.assertEqual(conn.getresponse().status, 200)
+
+    def test_failover_to_another_participant_when_one_is_unreachable(self):
+        good = self.backend()
+        self.join(self.code, good, pid="dead", endpoint="http://127.0.0.1:%d" % free_port())
+        self.join(self.code, good, pid="alive")
+        for _ in range(4):
+            status, _, _ = self.chat(self.code, "fake-model")
+            self.assertEqual(status, 200)
+        _, _, listing = self.request("GET", "/rooms/%s/participants" % self.code)
+        dead = [p for p in listing["participants"] if p["id"] == "dead"][0]
+        self.assertLessEqual(dead["metrics"]["errors"], 1)  # then avoided
+
+
+# === Events and health sweeps ===
+
+class TestEvents(HubTestCase):
+    hub_options = {"sse_keepalive": 0.05}
+
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.events = EventStream(self.port, self.code)
+        self.addCleanup(self.events.close)
+
+    def test_stream_starts_with_connected_and_reports_joins_and_leaves(self):
+        self.assertEqual(self.events.response.getheader("Content-Type"), "text/event-stream")
+        name, data = self.events.next_event()
+        self.assertEqual(name, "connected")
+        self.assertIn("clientId", data)
+        self.join(self.code, self.backend())
+        name, data = self.events.next_event()
+        self.assertEqual((name, data["id"], data["status"]), ("participant:joined", "alice",
+                                                             "online"))
+        self.request("DELETE", "/rooms/%s/leave/alice" % self.code)
+        self.assertEqual(self.events.next_event(),
+                         ("participant:left", {"participantId": "alice", "reason": "left"}))
+
+    def test_idle_stream_gets_keep_alive_comments(self):
+        self.events.next_event()
+        data = b""
+        while b": keep-alive" not in data:
+            data += self.events.response.read1(1024)
+
+    def test_events_of_an_unknown_room_are_404(self):
+        status, _, answer = self.request("GET", "/rooms/NOPE99/events")
+        self.assertEqual((status, answer), (404, {"error": "Room not found"}))
+
+    def test_stalled_subscriber_is_dropped_without_blocking_publishers(self):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", self.port))
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /rooms/%s/events HTTP/1.1\r\nHost: x\r\n\r\n" % self.code.encode())
+        self.events.close()  # keep only the stalled one
+        self.assertTrue(wait_until(lambda: len(self.hub.bus._rooms.get(self.code, ())) == 1))
+        big = {"padding": "x" * 65536}
+        started = time.monotonic()
+        for _ in range(gambiarra.SUBSCRIBER_QUEUE_EVENTS + 200):
+            self.hub.bus.publish(self.code, "test:big", big)
+        self.assertLess(time.monotonic() - started, WAIT_S)
+        self.assertTrue(wait_until(lambda: not self.hub.bus._rooms.get(self.code)))
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+
+    def test_hub_close_ends_event_streams(self):
+        self.events.next_event()
+        self.hub.close()
+        with self.assertRaises((EOFError, OSError, http.client.HTTPException)):
+            while True:
+                self.events.next_event()
+
+
+class TestHealthSweeps(HubTestCase):
+    hub_options = {"health_interval": 0.05, "participant_timeout": 0.2, "forget_after": 0.4}
+
+    def test_offline_once_then_online_then_forgotten(self):
+        code = self.create_room()
+        events = EventStream(self.port, code)
+        self.addCleanup(events.close)
+        events.next_event()
+        answer = self.join(code, self.backend())
+        self.assertEqual(answer["healthInterval"], 50)
+        events.next_event()  # joined
+        self.assertEqual(events.next_event(), ("participant:offline", {"participantId": "alice"}))
+        status, _, answer = self.chat(code, "alice")
+        self.assertEqual(status, 503)
+        self.assertEqual(answer["error"]["code"], "participant_offline")
+        self.assertEqual(self.chat(code, "*")[0], 404)
+        self.request("POST", "/rooms/%s/health" % code, {"id": "alice"})
+        self.assertEqual(events.next_event(), ("participant:online", {"participantId": "alice"}))
+        # Silent again: offline once (not at every sweep), then removed.
+        self.assertEqual(events.next_event(), ("participant:offline", {"participantId": "alice"}))
+        self.assertEqual(events.next_event(), ("participant:left",
+                                               {"participantId": "alice", "reason": "timeout"}))
+        _, _, listing = self.request("GET", "/rooms/%s/participants" % code)
+        self.assertEqual(listing["participants"], [])
+
+
+# === Hub lifecycle ===
+
+class TestHubLifecycle(unittest.TestCase):
+    def test_close_releases_threads_and_sockets_even_when_busy(self):
+        before = threading.active_count()
+        backend = FakeBackend()
+        self.addCleanup(backend.close)
+        hub = gambiarra.Hub(port=0).start()
+        with hub:
+            listener = hub.server.socket
+            conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=WAIT_S)
+            conn.request("POST", "/rooms", body=b'{"name": "r"}')
+            code = json.loads(conn.getresponse().read())["room"]["code"]  # kept alive
+            events = EventStream(hub.port, code)
+            conn.request("POST", "/rooms/%s/join" % code, body=json.dumps(
+                {"id": "a", "nickname": "A", "model": "m", "endpoint": backend.url}).encode())
+            conn.getresponse().read()
+            stalled = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=WAIT_S)
+            stalled.request("POST", "/rooms/%s/v1/chat/completions" % code, body=json.dumps(
+                {"model": "a", "fake": {"stall_before": True}}).encode())
+            self.assertTrue(wait_until(lambda: backend.requests))
+        self.assertEqual(listener.fileno(), -1)
+        self.assertTrue(backend.disconnected.wait(WAIT_S))  # the relay let go
+        self.assertTrue(wait_until(lambda: threading.active_count() <= before + 2),
+                        threading.enumerate())  # + the fake backend's two
+        for c in (conn, stalled, events):
+            c.close()
+
+    def test_context_manager_starts_and_closes(self):
+        with gambiarra.Hub() as hub:
+            with urllib_open(hub.url + "/health") as response:
+                self.assertEqual(response.status, 200)
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", hub.port), timeout=1).close()
+
+
+def urllib_open(url):
+    import urllib.request
+    return urllib.request.urlopen(url, timeout=WAIT_S)

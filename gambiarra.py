@@ -90,6 +90,10 @@ POOL_IDLE_PER_BACKEND = 32
 BACKEND_PENALTY_S = 30.0
 #: Unread request bodies up to this size are drained to keep the connection.
 DRAIN_LIMIT_BYTES = 64 * 1024
+#: After refusing a body, read and drop this much for this long so the client
+#: gets our answer instead of a reset (a "lingering close", RFC 9112 section 9.6).
+LINGER_BYTES = 4 * 1024 * 1024
+LINGER_S = 2.0
 #: Time-to-first-byte samples kept per participant for the median.
 TTFT_SAMPLES = 100
 #: Stream tail searched for a final "usage" object (metrics only).
@@ -1109,6 +1113,29 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self._head_sent = False
         self._chunked = False
         self._openai = False
+        self._linger = False
+
+    def finish(self):
+        if self._linger:
+            self._lingering_close()
+        super().finish()
+
+    def _lingering_close(self):
+        """Drain what the client still sends after we refused its body, so it
+        reads our 413 instead of a connection reset."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_S)
+            deadline = time.monotonic() + LINGER_S
+            drained = 0
+            while drained < LINGER_BYTES and time.monotonic() < deadline:
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                drained += len(data)
+        except OSError:
+            pass
 
     def log_message(self, format, *args):  # noqa: A002 (stdlib signature)
         log.debug("%s %s", self.address_string(), format % args)
@@ -1170,7 +1197,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(400, "Invalid Content-Length header", "invalid_request")
         if length > self.hub.max_body:
-            self.close_connection = True
+            self.close_connection = self._linger = True
             raise ApiError(413, "Request body is larger than the hub's limit of %d bytes"
                            % self.hub.max_body, "request_too_large")
         return length
@@ -1203,7 +1230,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
                 return b"".join(parts)
             total += size
             if total > self.hub.max_body:
-                self.close_connection = True
+                self.close_connection = self._linger = True
                 raise ApiError(413, "Request body is larger than the hub's limit of %d bytes"
                                % self.hub.max_body, "request_too_large")
             parts.append(self.rfile.read(size))
@@ -1230,7 +1257,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         except ApiError:
             return
         if length is None or length > DRAIN_LIMIT_BYTES:
-            self.close_connection = True
+            self.close_connection = self._linger = True
         else:
             self.rfile.read(length)
 

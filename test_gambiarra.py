@@ -16,17 +16,23 @@ import io
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 import unittest
+import urllib.request
 
 import gambiarra
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WAIT_S = 10  # upper bound of any wait; tests pass far sooner
+
+
+def urllib_open(url):
+    return urllib.request.urlopen(url, timeout=WAIT_S)
 
 
 def wait_until(predicate, timeout=WAIT_S, interval=0.005):
@@ -288,6 +294,7 @@ class EventStream:
                 return name, json.loads(data)
 
     def close(self):
+        self.response.close()  # its file object keeps the socket open otherwise
         self.conn.close()
 
 
@@ -882,6 +889,84 @@ class TestHubLifecycle(unittest.TestCase):
             socket.create_connection(("127.0.0.1", hub.port), timeout=1).close()
 
 
-def urllib_open(url):
-    import urllib.request
-    return urllib.request.urlopen(url, timeout=WAIT_S)
+# === Command line ===
+
+class TestCli(unittest.TestCase):
+    def run_main(self, *argv):
+        """main(argv) in-process: (exit status, stdout, stderr)."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = gambiarra.main(list(argv))
+            except SystemExit as exc:  # argparse: --help, --version, usage errors
+                status = exc.code
+        return status, out.getvalue(), err.getvalue()
+
+    def test_version_and_usage_errors(self):
+        status, out, _ = self.run_main("--version")
+        self.assertEqual((status, out.strip()), (0, "gambiarra " + gambiarra.__version__))
+        self.assertEqual(self.run_main()[0], 2)
+        self.assertEqual(self.run_main("serve", "--port", "nope")[0], 2)
+        self.assertEqual(self.run_main("serve", "--health-interval", "0")[0], 2)
+
+    def test_serve_on_a_busy_port_says_what_to_do(self):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen(1)
+            port = busy.getsockname()[1]
+            status, _, err = self.run_main("serve", "--host", "127.0.0.1", "--port", str(port))
+        self.assertEqual(status, 1)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("already in use", err)
+        self.assertIn("--port %d" % (port + 1), err)
+
+    def test_create_and_list(self):
+        with gambiarra.Hub() as hub:
+            status, out, _ = self.run_main("create", "Hackathon", "--hub", hub.url)
+            self.assertEqual(status, 0)
+            code = out.strip()
+            self.assertRegex(code, r"^[A-Z0-9]{6}$")
+            status, out, _ = self.run_main("list", "--hub", hub.url)
+            self.assertEqual(status, 0)
+            self.assertIn(code, out)
+            self.assertIn("Hackathon", out)
+            status, out, _ = self.run_main("list", "--json", "--hub", hub.url)
+            self.assertEqual(json.loads(out)["rooms"][0]["code"], code)
+
+    def test_unreachable_hub_is_one_line_and_exit_1(self):
+        url = "http://127.0.0.1:%d" % free_port()
+        status, _, err = self.run_main("list", "--hub", url)
+        self.assertEqual(status, 1)
+        self.assertIn(url, err)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+
+
+class TestServeProcess(unittest.TestCase):
+    """``serve`` as users run it: a process, stopped by a signal."""
+
+    def start_serve(self):
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "gambiarra.py"), "serve", "--host",
+             "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True)
+        self.addCleanup(process.kill)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(process.stderr.close)
+        banner = []
+        for line in process.stdout:  # bounded: the banner ends with this line
+            banner.append(line)
+            if "Ctrl-C" in line:
+                break
+        url = [word for line in banner for word in line.split()
+               if word.startswith("http://127.0.0.1:")][0]
+        return process, url, "".join(banner)
+
+    def test_banner_health_and_clean_stop(self):
+        for sig, expected in ((signal.SIGTERM, 0), (signal.SIGINT, 130)):
+            process, url, banner = self.start_serve()
+            self.assertIn("/rooms/CODE/v1", banner)
+            self.assertIn("create", banner)
+            with urllib_open(url + "/health") as response:
+                self.assertEqual(response.status, 200)
+            process.send_signal(sig)
+            self.assertEqual(process.wait(WAIT_S), expected)

@@ -616,11 +616,14 @@ class ConnectionPool:
         self._idle = collections.defaultdict(list)  # (scheme, host, port) -> [conn]
         self._closed = False
 
-    def get(self, key):
-        """Return (connection, reused): an idle one if any, else a new one."""
+    def get(self, key, fresh=False):
+        """Return (connection, reused): an idle one if any (unless ``fresh``),
+        else a new one."""
+        conn = None
         with self._lock:
             idle = self._idle.get(key)
-            conn = idle.pop() if idle else None
+            if idle and not fresh:
+                conn = idle.pop()
         if conn is not None:
             return conn, True
         scheme, host, port = key
@@ -697,8 +700,15 @@ class ClientWatcher:
                 for key, _ in ready:
                     if key.data is None:
                         self._drain_wakeups()
-                    else:
+                    elif self._still_watched(key):
                         self._check(key)
+
+    def _still_watched(self, key):
+        """False when unwatch() ran between select() and now."""
+        try:
+            return self._selector.get_key(key.fileobj) is key
+        except (KeyError, ValueError):  # ValueError: the socket is closed already
+            return False
 
     def _drain_wakeups(self):
         try:
@@ -738,11 +748,16 @@ class Exchange:
     """
 
     def __init__(self):
+        self.key = None
         self.conn = None
+        self.reusable = False
+        self.backend_done = False
         self.client_gone = False
         self.aborted = False
 
     def abort(self, client_gone=True):
+        if self.backend_done:  # the answer is all read: nothing left to stop
+            return
         self.client_gone = self.client_gone or client_gone
         self.aborted = True
         sock = self.conn.sock if self.conn is not None else None
@@ -866,9 +881,12 @@ class Relay:
         except BackendFailure as exc:
             failure = exc
         finally:
+            # unwatch() is a barrier: after it, abort() cannot run, so a
+            # connection that was not aborted is safe to reuse.
             self.watcher.unwatch(handler.connection)
             with self._lock:
                 self._active.discard(exchange)
+            self._recycle(exchange)
         self._report(code, target, request_id, body["model"], started, stats, status,
                      failure, exchange.client_gone)
         if exchange.client_gone:
@@ -909,26 +927,28 @@ class Relay:
             "status": status, "ttftMs": ttft_ms, "durationMs": round(duration_s * 1000, 1),
             "tokens": tokens, "tokensPerSecond": tokens_per_second})
 
+    def _recycle(self, exchange):
+        """Return the exchange's connection to the pool, or close it."""
+        if exchange.conn is None:
+            return
+        if exchange.reusable and not exchange.aborted:
+            self.pool.put(exchange.key, exchange.conn)
+        else:
+            exchange.conn.close()
+
     def _exchange(self, handler, exchange, target, api_path, payload, stats):
         parts = urllib.parse.urlsplit(target.endpoint)
-        key = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-        path = parts.path + api_path
-        conn, response = self._send(key, path, payload, exchange)
-        reusable = False
-        try:
-            reusable = self._relay_response(handler, exchange, response, stats)
-        finally:
-            if reusable and not exchange.aborted:
-                self.pool.put(key, conn)
-            else:
-                conn.close()
+        exchange.key = (parts.scheme, parts.hostname,
+                        parts.port or (443 if parts.scheme == "https" else 80))
+        response = self._send(exchange.key, parts.path + api_path, payload, exchange)
+        exchange.reusable = self._relay_response(handler, exchange, response, stats)
         return response.status
 
     def _send(self, key, path, payload, exchange):
         """Send the request and read the answer's head, retrying a stale pooled
         connection once. Failures here happen before any answer: failover-safe."""
         for attempt in (1, 2):
-            conn, reused = self.pool.get(key)
+            conn, reused = self.pool.get(key, fresh=attempt > 1)
             exchange.conn = conn
             try:
                 conn.request("POST", path, body=payload,
@@ -936,7 +956,7 @@ class Relay:
                                       "Accept": "application/json, text/event-stream"})
                 if exchange.aborted:
                     raise ConnectionAbortedError("client went away")
-                return conn, conn.getresponse()
+                return conn.getresponse()
             except socket.timeout as exc:
                 connected = conn.sock is not None
                 conn.close()
@@ -980,6 +1000,7 @@ class Relay:
                            "backend_disconnected")
                 break
             if not data:
+                exchange.backend_done = True
                 break
             stats.saw(data, True)
             try:
@@ -999,6 +1020,7 @@ class Relay:
     def _relay_whole(self, handler, exchange, response, content_type, stats):
         try:
             data = response.read()
+            exchange.backend_done = True
         except socket.timeout:
             raise BackendFailure(504, "Participant's server sent nothing for %g s"
                                  % self.backend_timeout, "backend_timeout")

@@ -58,6 +58,11 @@ class FakeBackendHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def setup(self):
+        super().setup()
+        with self.server.backend.lock:
+            self.server.backend.connections += 1
+
     def do_GET(self):
         backend = self.server.backend
         if self.path == "/v1/models":
@@ -158,6 +163,7 @@ class FakeBackend:
     def __init__(self, models=("fake-model",)):
         self.models = list(models)
         self.requests = []
+        self.connections = 0  # TCP connections accepted
         self.lock = threading.Lock()
         self.release = threading.Event()
         self.disconnected = threading.Event()
@@ -591,6 +597,13 @@ class TestRelay(HubTestCase):
             self.assertIn(b"tok2", response.read())
         self.assertIsNotNone(conn.sock)  # never reconnected
 
+    def test_clients_hanging_up_after_an_answer_do_not_spoil_pooled_connections(self):
+        # Regression: the watcher used to abort a connection already back in the pool.
+        for _ in range(150):
+            status, _, _ = self.chat(self.code, "alice")  # a fresh connection, then closed
+            self.assertEqual(status, 200)
+        self.assertEqual(self.fake.connections, 1)  # one pooled connection served all
+
     def test_completions_and_embeddings_are_routed(self):
         path = "/rooms/%s/v1/completions" % self.code
         status, _, answer = self.request("POST", path, {"model": "fake-model", "prompt": "x"})
@@ -970,3 +983,279 @@ class TestServeProcess(unittest.TestCase):
                 self.assertEqual(response.status, 200)
             process.send_signal(sig)
             self.assertEqual(process.wait(WAIT_S), expected)
+
+
+# === Benchmark (python3 test_gambiarra.py bench) ===
+#
+# Not a test: it measures, it asserts nothing about speed. The hub and a fast
+# asyncio backend run as separate processes; the load comes from this one.
+# Every figure is compared with calling the backend directly in the same run.
+
+import asyncio  # noqa: E402 (only the benchmark needs these)
+import re  # noqa: E402
+import statistics  # noqa: E402
+
+BENCH_RESPONSE = json.dumps({
+    "id": "bench", "object": "chat.completion", "model": "bench-model",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there!"},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}).encode()
+STAMP = re.compile(rb'"seq": (\d+), "t": ([0-9.]+)')
+
+
+async def bench_backend_connection(reader, writer):
+    """One keep-alive connection of the benchmark backend."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            body = json.loads(await reader.readexactly(length))
+            if not body.get("stream"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(BENCH_RESPONSE),
+                                                                 BENCH_RESPONSE))
+                continue
+            fake = body.get("fake", {})
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            for i in range(fake.get("chunks", 16)):
+                event = b'data: {"seq": %d, "t": %.6f, "choices": [{"delta": {"content": ' \
+                        b'"tok"}}]}\n\n' % (i, time.monotonic())
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+                await asyncio.sleep(fake.get("delay", 0.02))
+            done = b"data: [DONE]\n\n"
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+def run_bench_backend():
+    """python3 test_gambiarra.py bench-backend: serve until stdin closes."""
+    async def serve():
+        server = await asyncio.start_server(bench_backend_connection, "127.0.0.1", 0,
+                                            backlog=2048)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.get_event_loop().run_in_executor(None, sys.stdin.read)
+        server.close()
+    asyncio.run(serve())
+
+
+class BenchClient:
+    """A minimal asyncio HTTP/1.1 keep-alive client, cheap enough not to be
+    what the benchmark measures."""
+
+    def __init__(self, port):
+        self.port = port
+
+    async def connect(self):
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP,
+                                                        socket.TCP_NODELAY, 1)
+        return self
+
+    def close(self):
+        self.writer.close()
+
+    async def post(self, path, body):
+        """Send one request; return (status, [(arrival time, chunk bytes)])."""
+        data = json.dumps(body).encode()
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json"
+                          b"\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        found = re.search(rb"(?i)content-length: *(\d+)", head)
+        if found:
+            return status, [(time.monotonic(), await self.reader.readexactly(int(found.group(1))))]
+        chunks = []
+        while True:
+            size = int((await self.reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await self.reader.readline()
+                return status, chunks
+            chunk = await self.reader.readexactly(size + 2)
+            chunks.append((time.monotonic(), chunk[:-2]))
+
+
+def proc_stat(pid):
+    """(CPU seconds, threads, open fds, RSS KiB) of a process, from /proc (Linux)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    with open("/proc/%d/status" % pid) as f:
+        rss = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+    return cpu, len(os.listdir("/proc/%d/task" % pid)), len(os.listdir("/proc/%d/fd" % pid)), rss
+
+
+def start_bench_hub(port):
+    """Start ``serve`` as a user would; return (process, seconds to first 200)."""
+    started = time.monotonic()
+    hub = subprocess.Popen([sys.executable, os.path.join(HERE, "gambiarra.py"), "serve",
+                            "--host", "127.0.0.1", "--port", str(port), "--quiet",
+                            "--health-interval", "3600"],
+                           stdin=subprocess.DEVNULL)
+    while True:
+        try:
+            with urllib_open("http://127.0.0.1:%d/health" % port) as response:
+                if response.status == 200:
+                    return hub, time.monotonic() - started
+        except OSError:
+            time.sleep(0.002)
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def measure_latency(port, path, count):
+    client = await BenchClient(port).connect()
+    times = []
+    for _ in range(count):
+        started = time.monotonic()
+        status, _ = await client.post(path, {"model": "*", "messages": []})
+        assert status == 200, status
+        times.append(time.monotonic() - started)
+    client.close()
+    return times
+
+
+async def measure_throughput(port, path, clients, seconds):
+    done = [0]
+    deadline = time.monotonic() + seconds
+
+    async def worker():
+        client = await BenchClient(port).connect()
+        while time.monotonic() < deadline:
+            status, _ = await client.post(path, {"model": "*", "messages": []})
+            assert status == 200, status
+            done[0] += 1
+        client.close()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return done[0]
+
+
+async def paced_streams(port, path, streams, chunks, delay):
+    """Run ``streams`` concurrent paced streams; return per-stream results:
+    (time to first chunk, [latency of each chunk after the backend sent it],
+    sequence numbers seen, ended with [DONE], error)."""
+    async def one():
+        try:
+            client = await BenchClient(port).connect()
+            started = time.monotonic()
+            status, received = await client.post(path, {
+                "model": "*", "stream": True, "fake": {"chunks": chunks, "delay": delay}})
+            client.close()
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            return None, [], [], False, repr(exc)
+        latencies, seqs = [], []
+        for arrived, data in received:
+            for seq, stamp in STAMP.findall(data):
+                seqs.append(int(seq))
+                latencies.append(arrived - float(stamp))
+        done = bool(received) and received[-1][1].startswith(b"data: [DONE]")
+        first = received[0][0] - started if received else None
+        return first, latencies, seqs, done, None if status == 200 else status
+    return await asyncio.gather(*(one() for _ in range(streams)))
+
+
+def stream_summary(results, chunks):
+    lost = sum(1 for r in results if r[2] != list(range(chunks)))
+    errors = sum(1 for r in results if r[4] or not r[3])
+    latencies = [lat for r in results for lat in r[1]]
+    return lost, errors, latencies
+
+
+def run_bench():
+    print("gambiarra %s relay benchmark, Python %s, %d CPUs" % (
+        gambiarra.__version__, sys.version.split()[0], os.cpu_count()))
+    backend = subprocess.Popen([sys.executable, __file__, "bench-backend"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    backend_port = int(backend.stdout.readline())
+    hub_port = free_port()
+    hub, start_s = start_bench_hub(hub_port)
+    try:
+        time.sleep(0.5)
+        print("start to first 200 on /health: %.0f ms; idle RSS %.1f MiB" % (
+            start_s * 1000, proc_stat(hub.pid)[3] / 1024))
+        code = json.loads(urllib.request.urlopen(urllib.request.Request(
+            "http://127.0.0.1:%d/rooms" % hub_port, data=b'{"name": "bench"}',
+            method="POST"), timeout=WAIT_S).read())["room"]["code"]
+        join = json.dumps({"id": "bench", "nickname": "bench", "model": "bench-model",
+                           "endpoint": "http://127.0.0.1:%d" % backend_port,
+                           "maxConcurrent": 1000}).encode()
+        urllib.request.urlopen(urllib.request.Request(
+            "http://127.0.0.1:%d/rooms/%s/join" % (hub_port, code), data=join,
+            method="POST"), timeout=WAIT_S).read()
+        via_hub = (hub_port, "/rooms/%s/v1/chat/completions" % code)
+        direct = (backend_port, "/v1/chat/completions")
+        asyncio.run(bench_all(hub.pid, via_hub, direct))
+    finally:
+        hub.terminate()
+        hub.wait(WAIT_S)
+        backend.stdin.close()
+        backend.wait(WAIT_S)
+
+
+async def bench_all(hub_pid, via_hub, direct):
+    # Non-streaming, one client.
+    await measure_latency(*via_hub, 200)  # warm up
+    d = await measure_latency(*direct, 2000)
+    h = await measure_latency(*via_hub, 2000)
+    print("non-streaming, 1 client: direct p50 %.3f ms, hub p50 %.3f ms -> %.2fx" % (
+        statistics.median(d) * 1000, statistics.median(h) * 1000,
+        statistics.median(h) / statistics.median(d)))
+    # Non-streaming, 16 clients.
+    for clients in (16,):
+        n_direct = await measure_throughput(*direct, clients, 3)
+        cpu_before = proc_stat(hub_pid)[0]
+        n_hub = await measure_throughput(*via_hub, clients, 3)
+        cpu = proc_stat(hub_pid)[0] - cpu_before
+        print("non-streaming, %d clients: direct %.0f req/s, hub %.0f req/s, hub CPU "
+              "%.3f ms/request" % (clients, n_direct / 3, n_hub / 3, cpu / n_hub * 1000))
+    # Paced streams, one at a time: first chunk and per-chunk delay.
+    firsts = {"direct": [], "hub": []}
+    lats = {"direct": [], "hub": []}
+    for _ in range(20):
+        for name, target in (("direct", direct), ("hub", via_hub)):
+            (first, latencies, _, _, _), = await paced_streams(*target, 1, 20, 0.02)
+            firsts[name].append(first)
+            lats[name].extend(latencies)
+    added_first = statistics.median(firsts["hub"]) - statistics.median(firsts["direct"])
+    added = [h - statistics.mean(lats["direct"]) for h in lats["hub"]]
+    print("paced stream (20 ms/token): added time to first chunk %.3f ms (median); added "
+          "per chunk %.3f ms mean, %.3f ms p99" % (
+              added_first * 1000, statistics.mean(added) * 1000, percentile(added, 0.99) * 1000))
+    # 64 concurrent 64-chunk streams: integrity.
+    results = await paced_streams(*via_hub, 64, 64, 0.02)
+    lost, errors, _ = stream_summary(results, 64)
+    print("64 concurrent 64-chunk streams: %d streams lost, duplicated or reordered chunks, "
+          "%d did not end with [DONE]" % (lost, errors))
+    # 500 concurrent paced streams.
+    idle = proc_stat(hub_pid)
+    results = await paced_streams(*direct, 500, 32, 0.02)
+    _, _, direct_lat = stream_summary(results, 32)
+    results = await paced_streams(*via_hub, 500, 32, 0.02)
+    lost, errors, hub_lat = stream_summary(results, 32)
+    print("500 concurrent paced streams: %d errors, %d with lost chunks; added delay mean "
+          "%.1f ms (direct mean %.1f ms, hub mean %.1f ms)" % (
+              errors, lost, (statistics.mean(hub_lat) - statistics.mean(direct_lat)) * 1000,
+              statistics.mean(direct_lat) * 1000, statistics.mean(hub_lat) * 1000))
+    settled = wait_until(lambda: proc_stat(hub_pid)[1:3] <= idle[1:3], timeout=30)
+    after = proc_stat(hub_pid)
+    print("threads/fds of the hub: idle %d/%d, after %d/%d (%s)" % (
+        idle[1], idle[2], after[1], after[2], "back to idle" if settled else "NOT back"))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["bench"]:
+        run_bench()
+    elif sys.argv[1:2] == ["bench-backend"]:
+        run_bench_backend()
+    else:
+        unittest.main()

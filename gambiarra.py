@@ -653,14 +653,18 @@ class ClientWatcher:
     A relay thread blocked reading a slow backend cannot see its client
     leave. This one thread selects on every such client socket; on EOF it
     calls the exchange's ``abort`` so the backend connection is closed at
-    once and the GPU stops working for nobody. ``_lock`` guards the
-    selector's registrations and makes unwatch() a barrier: once it
-    returns, that callback will not run.
+    once and the GPU stops working for nobody.
+
+    It takes no lock on the request path: registrations are single dict
+    operations and take effect at once with epoll and kqueue (other
+    selectors are woken through a socket pair), and Exchange makes an
+    abort() that arrives after the answer ended harmless.
     """
 
     def __init__(self):
-        self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
+        self._needs_wake = type(self._selector).__name__ not in (
+            "EpollSelector", "KqueueSelector", "DevpollSelector")
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -669,21 +673,18 @@ class ClientWatcher:
         self._thread.start()
 
     def watch(self, sock, on_gone):
-        with self._lock:
-            if self._closed:
-                return
-            try:
-                self._selector.register(sock, selectors.EVENT_READ, on_gone)
-            except (ValueError, KeyError, OSError):
-                return  # closed or already watched
-        self._wake()
+        try:
+            self._selector.register(sock, selectors.EVENT_READ, on_gone)
+        except (ValueError, KeyError, OSError):
+            return  # closed, or already watched
+        if self._needs_wake:
+            self._wake()
 
     def unwatch(self, sock):
-        with self._lock:
-            try:
-                self._selector.unregister(sock)
-            except (ValueError, KeyError, OSError):
-                pass
+        try:
+            self._selector.unregister(sock)
+        except (ValueError, KeyError, OSError):
+            pass  # the watcher saw it first
 
     def _wake(self):
         try:
@@ -692,23 +693,12 @@ class ClientWatcher:
             pass
 
     def _run(self):
-        while True:
-            ready = self._selector.select()
-            with self._lock:
-                if self._closed:
-                    return
-                for key, _ in ready:
-                    if key.data is None:
-                        self._drain_wakeups()
-                    elif self._still_watched(key):
-                        self._check(key)
-
-    def _still_watched(self, key):
-        """False when unwatch() ran between select() and now."""
-        try:
-            return self._selector.get_key(key.fileobj) is key
-        except (KeyError, ValueError):  # ValueError: the socket is closed already
-            return False
+        while not self._closed:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    self._drain_wakeups()
+                elif not self._closed:
+                    self._check(key)
 
     def _drain_wakeups(self):
         try:
@@ -718,21 +708,26 @@ class ClientWatcher:
             pass
 
     def _check(self, key):
-        """EOF or error: the client is gone. Data: a pipelined request; stop watching."""
+        """EOF or error: the client is gone. Data: a pipelined request; stop watching.
+
+        The peek goes through a non-blocking duplicate: the handler's socket
+        has a timeout, and Python would wait up to it when no data is there
+        (a stale event for a descriptor that has been reused)."""
         sock = key.fileobj
         try:
-            gone = sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+            with sock.dup() as peek:
+                peek.setblocking(False)
+                gone = peek.recv(1, socket.MSG_PEEK) == b""
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             gone = True
-        self._selector.unregister(sock)
+        self.unwatch(sock)
         if gone:
             key.data()
 
     def close(self):
-        with self._lock:
-            self._closed = True
+        self._closed = True
         self._wake()
         self._thread.join(5)
         self._selector.close()
@@ -745,27 +740,36 @@ class Exchange:
 
     ``abort()`` may come from the client watcher or from Hub.close(); it shuts
     the backend socket down so a relay thread blocked on it wakes at once.
+    ``_lock`` orders abort() against finish_backend(): once the backend's
+    answer is all read, the connection may go back to the pool and an abort
+    must not touch it.
     """
 
     def __init__(self):
+        self._lock = threading.Lock()
         self.key = None
         self.conn = None
-        self.reusable = False
         self.backend_done = False
         self.client_gone = False
         self.aborted = False
 
     def abort(self, client_gone=True):
-        if self.backend_done:  # the answer is all read: nothing left to stop
-            return
-        self.client_gone = self.client_gone or client_gone
-        self.aborted = True
-        sock = self.conn.sock if self.conn is not None else None
+        with self._lock:
+            if self.backend_done:
+                return
+            self.aborted = True
+            self.client_gone = self.client_gone or client_gone
+            sock = self.conn.sock if self.conn is not None else None
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def finish_backend(self):
+        """Mark the backend's answer as fully read, unless aborted first."""
+        with self._lock:
+            self.backend_done = not self.aborted
 
 
 class BackendFailure(Exception):
@@ -881,8 +885,6 @@ class Relay:
         except BackendFailure as exc:
             failure = exc
         finally:
-            # unwatch() is a barrier: after it, abort() cannot run, so a
-            # connection that was not aborted is safe to reuse.
             self.watcher.unwatch(handler.connection)
             with self._lock:
                 self._active.discard(exchange)
@@ -928,20 +930,25 @@ class Relay:
             "tokens": tokens, "tokensPerSecond": tokens_per_second})
 
     def _recycle(self, exchange):
-        """Return the exchange's connection to the pool, or close it."""
-        if exchange.conn is None:
+        """Return the exchange's connection to the pool, or close it (once).
+
+        Called as soon as the backend's answer is all read, before the last
+        bytes go to the client, so the client's next request finds it pooled.
+        """
+        conn, exchange.conn = exchange.conn, None
+        if conn is None:
             return
-        if exchange.reusable and not exchange.aborted:
-            self.pool.put(exchange.key, exchange.conn)
+        if exchange.backend_done and conn.sock is not None:  # not closed by the backend
+            self.pool.put(exchange.key, conn)
         else:
-            exchange.conn.close()
+            conn.close()
 
     def _exchange(self, handler, exchange, target, api_path, payload, stats):
         parts = urllib.parse.urlsplit(target.endpoint)
         exchange.key = (parts.scheme, parts.hostname,
                         parts.port or (443 if parts.scheme == "https" else 80))
         response = self._send(exchange.key, parts.path + api_path, payload, exchange)
-        exchange.reusable = self._relay_response(handler, exchange, response, stats)
+        self._relay_response(handler, exchange, response, stats)
         return response.status
 
     def _send(self, key, path, payload, exchange):
@@ -981,7 +988,7 @@ class Relay:
         raise AssertionError("unreachable")
 
     def _relay_response(self, handler, exchange, response, stats):
-        """Pass the backend's answer through; return True if the connection is reusable."""
+        """Pass the backend's answer through: whole, or chunk by chunk as it comes."""
         content_type = response.getheader("Content-Type", "application/json")
         streaming = response.chunked or response.length is None
         if not streaming:
@@ -1000,7 +1007,8 @@ class Relay:
                            "backend_disconnected")
                 break
             if not data:
-                exchange.backend_done = True
+                exchange.finish_backend()
+                self._recycle(exchange)
                 break
             stats.saw(data, True)
             try:
@@ -1010,29 +1018,28 @@ class Relay:
                 break
         if exchange.client_gone:
             handler.close_connection = True
-            return False
-        if failure is not None:
+        elif failure is not None:
             handler.end_chunked(b"data: " + json_bytes(openai_error(502, *failure)) + b"\n\n")
             raise BackendFailure(502, failure[0], failure[1])
-        handler.end_chunked()
-        return not response.will_close
+        else:
+            handler.end_chunked()
 
     def _relay_whole(self, handler, exchange, response, content_type, stats):
         try:
             data = response.read()
-            exchange.backend_done = True
         except socket.timeout:
             raise BackendFailure(504, "Participant's server sent nothing for %g s"
                                  % self.backend_timeout, "backend_timeout")
         except (http.client.HTTPException, OSError) as exc:
             if exchange.client_gone:
                 handler.close_connection = True
-                return False
+                return
             raise BackendFailure(502, "Participant's server broke off the answer (%s)"
                                  % _describe(exc), "backend_disconnected")
+        exchange.finish_backend()
+        self._recycle(exchange)
         stats.saw(data, False)
         handler.send_body(response.status, content_type, data)
-        return not response.will_close
 
 
 def _describe(exc):

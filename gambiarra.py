@@ -27,6 +27,7 @@ import email.utils
 import errno
 import http.client
 import http.server
+import itertools
 import json
 import logging
 import os
@@ -94,6 +95,12 @@ DRAIN_LIMIT_BYTES = 64 * 1024
 #: gets our answer instead of a reset (a "lingering close", RFC 9112 section 9.6).
 LINGER_BYTES = 4 * 1024 * 1024
 LINGER_S = 2.0
+#: Limits of a request's header block (the stdlib's own limits).
+MAX_HEADERS = 100
+MAX_HEADER_LINE_BYTES = 65536
+#: A relay still waiting on its backend after this long has its client watched
+#: for hanging up (and the watcher thread wakes this often).
+WATCH_GRACE_S = 0.1
 #: Time-to-first-byte samples kept per participant for the median.
 TTFT_SAMPLES = 100
 #: Stream tail searched for a final "usage" object (metrics only).
@@ -573,25 +580,15 @@ class EventBus:
 
 # === Relay ===
 
-class BackendConnection(http.client.HTTPConnection):
-    """HTTP/1.1 connection to a participant's server with Nagle disabled.
+class _BackendMixin:
+    """What the hub needs of a connection to a participant's server.
 
-    Without TCP_NODELAY, Nagle's algorithm and delayed ACKs add ~40 ms to
-    every small request on a kept-alive connection.
+    Nagle is disabled: with it, delayed ACKs add ~40 ms to every small
+    request on a kept-alive connection. post() sends the request head and
+    body in one write, where http.client would make two system calls.
     """
 
-    def __init__(self, host, port, connect_timeout, read_timeout):
-        super().__init__(host, port, timeout=connect_timeout)
-        self.read_timeout = read_timeout
-
-    def connect(self):
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(self.read_timeout)
-
-
-class BackendHTTPSConnection(http.client.HTTPSConnection):
-    """BackendConnection over TLS (a participant behind an https:// URL)."""
+    _corked = None
 
     def __init__(self, host, port, connect_timeout, read_timeout):
         super().__init__(host, port, timeout=connect_timeout)
@@ -601,6 +598,30 @@ class BackendHTTPSConnection(http.client.HTTPSConnection):
         super().connect()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(self.read_timeout)
+
+    def post(self, path, body, headers):
+        if self.sock is None:
+            self.connect()
+        self._corked = []
+        try:
+            self.request("POST", path, body=body, headers=headers)
+        finally:
+            data, self._corked = b"".join(self._corked), None
+        self.sock.sendall(data)
+
+    def send(self, data):
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            super().send(data)
+
+
+class BackendConnection(_BackendMixin, http.client.HTTPConnection):
+    """A plain-HTTP connection to a participant's server."""
+
+
+class BackendHTTPSConnection(_BackendMixin, http.client.HTTPSConnection):
+    """A TLS connection to a participant's server (an https:// endpoint)."""
 
 
 class ConnectionPool:
@@ -647,92 +668,99 @@ class ConnectionPool:
             conn.close()
 
 
+class Watch:
+    """One relay's wish to hear of its client hanging up."""
+
+    __slots__ = ("sock", "on_gone", "due", "settled")
+
+    def __init__(self, sock, on_gone, due):
+        self.sock = sock
+        self.on_gone = on_gone
+        self.due = due  # watched from then on: most answers are over sooner
+        self.settled = False  # the client sent more data: it is not leaving
+
+
 class ClientWatcher:
     """Notices clients that hang up while the hub waits on their backend.
 
     A relay thread blocked reading a slow backend cannot see its client
-    leave. This one thread selects on every such client socket; on EOF it
-    calls the exchange's ``abort`` so the backend connection is closed at
-    once and the GPU stops working for nobody.
-
-    It takes no lock on the request path: registrations are single dict
-    operations and take effect at once with epoll and kqueue (other
-    selectors are woken through a socket pair), and Exchange makes an
-    abort() that arrives after the answer ended harmless.
+    leave. This one thread selects on the client sockets of the relays that
+    have lasted longer than ``grace_s``; on EOF it calls the relay's
+    ``on_gone`` so the backend connection is closed and the GPU stops
+    working for nobody. Relays only add and discard Watch objects in
+    ``_wanted`` (single set operations, atomic under the GIL); the selector
+    belongs to the watcher thread alone, so short requests cost no system
+    call at all.
     """
 
-    def __init__(self):
+    def __init__(self, grace_s=WATCH_GRACE_S):
+        self.grace_s = grace_s
+        self._wanted = set()
+        self._registered = set()
         self._selector = selectors.DefaultSelector()
-        self._needs_wake = type(self._selector).__name__ not in (
-            "EpollSelector", "KqueueSelector", "DevpollSelector")
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._closed = False
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="client-watcher", daemon=True)
         self._thread.start()
 
     def watch(self, sock, on_gone):
-        try:
-            self._selector.register(sock, selectors.EVENT_READ, on_gone)
-        except (ValueError, KeyError, OSError):
-            return  # closed, or already watched
-        if self._needs_wake:
-            self._wake()
+        watch = Watch(sock, on_gone, time.monotonic() + self.grace_s)
+        self._wanted.add(watch)
+        return watch
 
-    def unwatch(self, sock):
-        try:
-            self._selector.unregister(sock)
-        except (ValueError, KeyError, OSError):
-            pass  # the watcher saw it first
-
-    def _wake(self):
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
+    def unwatch(self, watch):
+        self._wanted.discard(watch)
 
     def _run(self):
-        while not self._closed:
-            for key, _ in self._selector.select():
-                if key.data is None:
-                    self._drain_wakeups()
-                elif not self._closed:
-                    self._check(key)
+        while not self._closed.is_set():
+            self._sync()
+            for key, _ in self._selector.select(self.grace_s):
+                self._check(key.data)
+        self._selector.close()
 
-    def _drain_wakeups(self):
+    def _sync(self):
+        """Drop registrations of finished relays, then add relays now due."""
+        wanted = self._wanted.copy()
+        for watch in self._registered - wanted:
+            self._forget(watch)
+        now = time.monotonic()
+        for watch in wanted - self._registered:
+            if watch.due <= now and not watch.settled:
+                try:
+                    self._selector.register(watch.sock, selectors.EVENT_READ, watch)
+                    self._registered.add(watch)
+                except (ValueError, KeyError, OSError):
+                    watch.settled = True  # closed already: its relay is ending
+
+    def _forget(self, watch):
+        self._registered.discard(watch)
         try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:
+            self._selector.unregister(watch.sock)
+        except (ValueError, KeyError, OSError):
             pass
 
-    def _check(self, key):
+    def _check(self, watch):
         """EOF or error: the client is gone. Data: a pipelined request; stop watching.
 
         The peek goes through a non-blocking duplicate: the handler's socket
-        has a timeout, and Python would wait up to it when no data is there
-        (a stale event for a descriptor that has been reused)."""
-        sock = key.fileobj
+        has a timeout, and Python would wait up to it if no data were there."""
+        self._forget(watch)
+        if watch not in self._wanted:
+            return
         try:
-            with sock.dup() as peek:
+            with watch.sock.dup() as peek:
                 peek.setblocking(False)
                 gone = peek.recv(1, socket.MSG_PEEK) == b""
         except (BlockingIOError, InterruptedError):
-            return
+            return  # spurious wake-up; registered again on the next sync
         except OSError:
             gone = True
-        self.unwatch(sock)
+        watch.settled = True
         if gone:
-            key.data()
+            watch.on_gone()
 
     def close(self):
-        self._closed = True
-        self._wake()
+        self._closed.set()
         self._thread.join(5)
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
 
 
 class Exchange:
@@ -784,6 +812,8 @@ class BackendFailure(Exception):
         self.refused = refused
 
 
+BACKEND_HEADERS = {"Content-Type": "application/json",
+                   "Accept": "application/json, text/event-stream"}
 _USAGE_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
@@ -831,6 +861,8 @@ class Relay:
         self.watcher = ClientWatcher()
         self._lock = threading.Lock()  # guards _active
         self._active = set()
+        self._boot = int(time.time()) & 0xFFFFFF  # request ids differ across restarts
+        self._request_numbers = itertools.count(1)  # next() is atomic under the GIL
 
     def close(self):
         with self._lock:
@@ -868,7 +900,7 @@ class Relay:
 
     def _attempt(self, handler, code, target, api_path, body):
         """One try against one participant; returns a BackendFailure or None."""
-        request_id = secrets.token_hex(6)
+        request_id = "%x-%x" % (self._boot, next(self._request_numbers))
         started = time.monotonic()
         self.bus.publish(code, "llm:request", {"participantId": target.id,
                                                "model": body["model"], "requestId": request_id})
@@ -877,7 +909,7 @@ class Relay:
         exchange = Exchange()
         with self._lock:
             self._active.add(exchange)
-        self.watcher.watch(handler.connection, exchange.abort)
+        watch = self.watcher.watch(handler.connection, exchange.abort)
         status = None
         try:
             status = self._exchange(handler, exchange, target, api_path, payload, stats)
@@ -885,7 +917,7 @@ class Relay:
         except BackendFailure as exc:
             failure = exc
         finally:
-            self.watcher.unwatch(handler.connection)
+            self.watcher.unwatch(watch)
             with self._lock:
                 self._active.discard(exchange)
             self._recycle(exchange)
@@ -958,9 +990,7 @@ class Relay:
             conn, reused = self.pool.get(key, fresh=attempt > 1)
             exchange.conn = conn
             try:
-                conn.request("POST", path, body=payload,
-                             headers={"Content-Type": "application/json",
-                                      "Accept": "application/json, text/event-stream"})
+                conn.post(path, payload, BACKEND_HEADERS)
                 if exchange.aborted:
                     raise ConnectionAbortedError("client went away")
                 return conn.getresponse()
@@ -1120,6 +1150,35 @@ def http_date():
     return _date_cache[1]
 
 
+class Headers(dict):
+    """Request headers by lower-case name; a repeated header's values are
+    joined with ", " (RFC 9110 section 5.3)."""
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+
+_REQUEST_VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
+
+
+def read_headers(rfile):
+    """Read a header block up to its blank line; ValueError if malformed or too big."""
+    headers = Headers()
+    for _ in range(MAX_HEADERS):
+        line = rfile.readline(MAX_HEADER_LINE_BYTES + 1)
+        if len(line) > MAX_HEADER_LINE_BYTES:
+            raise ValueError("Header line too long")
+        if line in (b"\r\n", b"\n", b""):
+            return headers
+        name, colon, value = line.decode("iso-8859-1").partition(":")
+        if not colon or not name or name != name.strip():  # also refuses obs-fold
+            raise ValueError("Malformed header line")
+        name = name.lower()
+        value = value.strip()
+        headers[name] = headers[name] + ", " + value if name in headers else value
+    raise ValueError("Too many headers")
+
+
 class HubRequestHandler(http.server.BaseHTTPRequestHandler):
     """One client connection: parses requests, dispatches through ROUTER,
     writes JSON, bodies and chunked streams.
@@ -1196,6 +1255,37 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
                                          "internal_error"))
         finally:
             self._discard_unread_body()
+
+    def parse_request(self):
+        """The stdlib's parse_request without the email package, whose header
+        parser is the largest pure-Python cost of a relayed request."""
+        self.command = None
+        self.request_version = "HTTP/0.9"
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        version = _REQUEST_VERSION.match(words[-1]) if len(words) == 3 else None
+        if version is None:
+            self.send_error(400, "Bad request line")
+            return False
+        if version.group(1) != "1":
+            self.send_error(505, "Only HTTP/1.0 and HTTP/1.1 are supported")
+            return False
+        self.command, self.path, self.request_version = words
+        if self.path.startswith("//"):  # gh-87389: never an absolute URI
+            self.path = "/" + self.path.lstrip("/")
+        try:
+            self.headers = read_headers(self.rfile)
+        except ValueError as exc:
+            self.send_error(431 if "too" in str(exc) else 400, str(exc))
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        self.close_connection = connection == "close" or (
+            self.request_version == "HTTP/1.0" and connection != "keep-alive")
+        if (self.headers.get("Expect", "").lower() == "100-continue"
+                and self.request_version == "HTTP/1.1"):
+            return self.handle_expect_100()
+        return True
 
     def handle_expect_100(self):
         """Refuse an oversized body before the client sends it."""

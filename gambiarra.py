@@ -87,6 +87,9 @@ LISTEN_BACKLOG = 1024
 RELAY_READ_BYTES = 16384
 #: Idle keep-alive connections kept per backend.
 POOL_IDLE_PER_BACKEND = 32
+#: Idle backend connections are closed after this long: below the 5 s
+#: keep-alive timeout of llama.cpp, Node and uvicorn servers.
+POOL_IDLE_S = 4.0
 #: A backend that refused a connection is picked last for this long.
 BACKEND_PENALTY_S = 30.0
 #: Unread request bodies up to this size are drained to keep the connection.
@@ -101,6 +104,8 @@ MAX_HEADER_LINE_BYTES = 65536
 #: A relay still waiting on its backend after this long has its client watched
 #: for hanging up (and the watcher thread wakes this often).
 WATCH_GRACE_S = 0.1
+#: The same backend failure of one participant is logged at most this often.
+WARN_EVERY_S = 60.0
 #: Time-to-first-byte samples kept per participant for the median.
 TTFT_SAMPLES = 100
 #: Stream tail searched for a final "usage" object (metrics only).
@@ -172,7 +177,7 @@ def openai_error(status, message, code=None):
 def require_string(body, field, max_chars=MAX_NAME_CHARS, required=True):
     """Return body[field] as a non-empty string, or raise a 400 naming the field."""
     value = body.get(field)
-    if value is None or value == "":
+    if value is None or (isinstance(value, str) and not value.strip()):
         if required:
             raise ApiError(400, "Missing required field: %s" % field, "missing_field")
         return None
@@ -182,6 +187,12 @@ def require_string(body, field, max_chars=MAX_NAME_CHARS, required=True):
         raise ApiError(400, "Field '%s' is longer than %d characters" % (field, max_chars),
                        "invalid_field")
     return value
+
+
+def _reject_json_constant(name):
+    """NaN and Infinity are Python's JSON extensions, not JSON: refuse them
+    rather than forward them to a backend that cannot parse them."""
+    raise ValueError("%s is not valid JSON" % name)
 
 
 def optional_object(body, field):
@@ -249,7 +260,7 @@ class Metrics:
         self.tokens_per_second = None
 
     def to_json(self):
-        median = statistics.median(self.ttft_samples) if self.ttft_samples else None
+        median = round(statistics.median(self.ttft_samples), 1) if self.ttft_samples else None
         return {"requests": self.requests, "errors": self.errors, "ttftMs": self.ttft_ms,
                 "ttftMedianMs": median, "tokensPerSecond": self.tokens_per_second}
 
@@ -467,7 +478,7 @@ class Registry:
 
     def _least_busy(self, room, requested, exclude):
         name = requested[len("model:"):] if requested.startswith("model:") else requested
-        wildcard = requested in ("*", "any", "")
+        wildcard = requested in ("*", "any")
         candidates = [p for p in room.participants.values()
                       if p.online and p.id not in exclude
                       and (wildcard or model_matches(name, p.model))]
@@ -483,15 +494,24 @@ class Registry:
         return min(candidates, key=lambda p: (p.penalized_until > now, p.in_flight,
                                               random.random()))
 
-    def release(self, code, participant_id, ttft_ms=None, tokens_per_second=None,
-                failed=False, refused=False):
-        """Count a finished request against its participant (if still present)."""
+    def _present(self, code, participant_id):
+        room = self._rooms.get(code.upper())
+        return room.participants.get(participant_id) if room else None
+
+    def release(self, code, participant_id):
+        """The participant's server is done with one request (if still present)."""
         with self._lock:
-            room = self._rooms.get(code.upper())
-            participant = room and room.participants.get(participant_id)
+            participant = self._present(code, participant_id)
+            if participant:
+                participant.in_flight = max(0, participant.in_flight - 1)
+
+    def record(self, code, participant_id, ttft_ms=None, tokens_per_second=None,
+               failed=False, refused=False):
+        """Count a finished request in the participant's metrics (if still present)."""
+        with self._lock:
+            participant = self._present(code, participant_id)
             if not participant:
                 return
-            participant.in_flight = max(0, participant.in_flight - 1)
             metrics = participant.metrics
             if failed:
                 metrics.errors += 1
@@ -567,15 +587,19 @@ class EventBus:
                 self.unsubscribe(subscriber)
                 subscriber.disconnect()
 
+    def end(self, subscriber):
+        """End one subscriber's stream (its client left, or the hub closes)."""
+        self.unsubscribe(subscriber)
+        try:
+            subscriber.queue.put_nowait(self.CLOSED)
+        except queue.Full:
+            subscriber.disconnect()
+
     def close(self):
         with self._lock:
             subscribers = [s for group in self._rooms.values() for s in group]
-            self._rooms.clear()
         for subscriber in subscribers:
-            try:
-                subscriber.queue.put_nowait(self.CLOSED)
-            except queue.Full:
-                subscriber.disconnect()
+            self.end(subscriber)
 
 
 # === Relay ===
@@ -625,26 +649,37 @@ class BackendHTTPSConnection(_BackendMixin, http.client.HTTPSConnection):
 
 
 class ConnectionPool:
-    """Idle keep-alive connections to backends, most recently used first.
+    """Idle keep-alive connections to backends, most recently used last.
 
-    ``_lock`` guards the idle lists only; connecting happens outside it.
+    Connections idle longer than ``idle_s`` are closed (by get() and by the
+    hub's periodic prune()) before the backend closes them itself and leaves
+    them half-closed. ``_lock`` guards the idle lists only; connecting and
+    closing happen outside it.
     """
 
-    def __init__(self, connect_timeout, read_timeout):
+    def __init__(self, connect_timeout, read_timeout, idle_s=POOL_IDLE_S, clock=time.monotonic):
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.idle_s = idle_s
+        self.clock = clock
         self._lock = threading.Lock()
-        self._idle = collections.defaultdict(list)  # (scheme, host, port) -> [conn]
+        self._idle = collections.defaultdict(list)  # (scheme, host, port) -> [(since, conn)]
         self._closed = False
 
     def get(self, key, fresh=False):
         """Return (connection, reused): an idle one if any (unless ``fresh``),
         else a new one."""
-        conn = None
+        conn, expired = None, []
         with self._lock:
             idle = self._idle.get(key)
             if idle and not fresh:
-                conn = idle.pop()
+                since, conn = idle.pop()
+                if self.clock() - since > self.idle_s:  # and so are all older ones
+                    expired = [conn] + [c for _, c in idle]
+                    idle.clear()
+                    conn = None
+        for old in expired:
+            old.close()
         if conn is not None:
             return conn, True
         scheme, host, port = key
@@ -655,14 +690,25 @@ class ConnectionPool:
         with self._lock:
             idle = self._idle[key]
             if not self._closed and len(idle) < POOL_IDLE_PER_BACKEND:
-                idle.append(conn)
+                idle.append((self.clock(), conn))
                 return
         conn.close()
+
+    def prune(self):
+        """Close connections idle for longer than ``idle_s``."""
+        limit = self.clock() - self.idle_s
+        expired = []
+        with self._lock:
+            for idle in self._idle.values():
+                while idle and idle[0][0] < limit:
+                    expired.append(idle.pop(0)[1])
+        for conn in expired:
+            conn.close()
 
     def close(self):
         with self._lock:
             self._closed = True
-            conns = [c for idle in self._idle.values() for c in idle]
+            conns = [c for idle in self._idle.values() for _, c in idle]
             self._idle.clear()
         for conn in conns:
             conn.close()
@@ -699,6 +745,8 @@ class ClientWatcher:
         self._registered = set()
         self._selector = selectors.DefaultSelector()
         self._closed = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()  # ends select() at close()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name="client-watcher", daemon=True)
         self._thread.start()
 
@@ -714,8 +762,11 @@ class ClientWatcher:
         while not self._closed.is_set():
             self._sync()
             for key, _ in self._selector.select(self.grace_s):
-                self._check(key.data)
+                if key.data is not None:
+                    self._check(key.data)
         self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _sync(self):
         """Drop registrations of finished relays, then add relays now due."""
@@ -760,6 +811,7 @@ class ClientWatcher:
 
     def close(self):
         self._closed.set()
+        self._wake_w.send(b"\0")
         self._thread.join(5)
 
 
@@ -773,10 +825,13 @@ class Exchange:
     must not touch it.
     """
 
-    def __init__(self):
+    def __init__(self, code, participant_id):
         self._lock = threading.Lock()
+        self.code = code
+        self.participant_id = participant_id
         self.key = None
         self.conn = None
+        self.released = False
         self.backend_done = False
         self.client_gone = False
         self.aborted = False
@@ -820,18 +875,21 @@ _USAGE_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 class StreamStats:
     """What the relay learns on the side for metrics; never alters the bytes."""
 
-    __slots__ = ("first_byte_at", "events", "tail")
+    __slots__ = ("first_byte_at", "events", "tail", "done")
 
     def __init__(self):
         self.first_byte_at = None
         self.events = 0
         self.tail = b""
+        self.done = False  # the client was sent "data: [DONE]": the answer is whole
 
     def saw(self, data, streaming):
         if self.first_byte_at is None:
             self.first_byte_at = time.monotonic()
         if streaming:
-            self.events += data.count(b"data:") - data.count(b"data: [DONE]")
+            finals = data.count(b"data: [DONE]")
+            self.done = self.done or finals > 0
+            self.events += data.count(b"data:") - finals
             self.tail = (self.tail + data)[-USAGE_TAIL_BYTES:]
         else:
             self.tail = data[-USAGE_TAIL_BYTES:]
@@ -852,24 +910,29 @@ class Relay:
     OpenAI-style error event so SDKs raise instead of returning half an answer.
     """
 
-    def __init__(self, registry, bus, connect_timeout, backend_timeout):
+    def __init__(self, registry, bus, watcher, connect_timeout, backend_timeout):
         self.registry = registry
         self.bus = bus
+        self.watcher = watcher
         self.connect_timeout = connect_timeout
         self.backend_timeout = backend_timeout
         self.pool = ConnectionPool(connect_timeout, backend_timeout)
-        self.watcher = ClientWatcher()
-        self._lock = threading.Lock()  # guards _active
+        self._warned = {}  # (participant id, error code) -> last warning time
+        self._lock = threading.Lock()  # guards _active and _warned
         self._active = set()
         self._boot = int(time.time()) & 0xFFFFFF  # request ids differ across restarts
         self._request_numbers = itertools.count(1)  # next() is atomic under the GIL
 
-    def close(self):
+    def close(self, timeout=2.0):
+        """Abort every relay, give them ``timeout`` to tell their clients
+        (an error event ends each stream), then close pooled connections."""
         with self._lock:
             active = list(self._active)
         for exchange in active:
             exchange.abort(client_gone=False)
-        self.watcher.close()
+        deadline = time.monotonic() + timeout
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.pool.close()
 
     def forward(self, handler, code, api_path, body):
@@ -878,10 +941,7 @@ class Relay:
         A failure before the backend answered (refused, reset) moves on to
         the next matching participant, unless the client named one by id.
         """
-        requested = body.get("model")
-        if not isinstance(requested, str):
-            raise ApiError(400, "Missing required field: model" if requested is None
-                           else "Field 'model' must be a string", "invalid_field")
+        requested = require_string(body, "model", MAX_NAME_CHARS)
         tried = set()
         failure = None
         while True:
@@ -906,7 +966,7 @@ class Relay:
                                                "model": body["model"], "requestId": request_id})
         payload = json_bytes(dict(body, model=target.model))
         stats = StreamStats()
-        exchange = Exchange()
+        exchange = Exchange(code, target.id)
         with self._lock:
             self._active.add(exchange)
         watch = self.watcher.watch(handler.connection, exchange.abort)
@@ -920,7 +980,7 @@ class Relay:
             self.watcher.unwatch(watch)
             with self._lock:
                 self._active.discard(exchange)
-            self._recycle(exchange)
+            self._done_with_backend(exchange)
         self._report(code, target, request_id, body["model"], started, stats, status,
                      failure, exchange.client_gone)
         if exchange.client_gone:
@@ -934,16 +994,17 @@ class Relay:
         ttft_ms = None
         if stats.first_byte_at is not None:
             ttft_ms = round((stats.first_byte_at - started) * 1000, 1)
-        if client_gone:
-            self.registry.release(code, target.id, ttft_ms=ttft_ms)
+        if client_gone and not stats.done:
+            self.registry.record(code, target.id, ttft_ms=ttft_ms)
             self.bus.publish(code, "llm:error", {
-                "participantId": target.id, "requestId": request_id,
+                "participantId": target.id, "requestId": request_id, "model": model,
                 "error": "client went away before the answer finished"})
             return
         if failure is not None:
-            self.registry.release(code, target.id, failed=True, refused=failure.refused)
+            self.registry.record(code, target.id, failed=True, refused=failure.refused)
+            self._warn(target.id, failure)
             self.bus.publish(code, "llm:error", {"participantId": target.id,
-                                                 "requestId": request_id,
+                                                 "requestId": request_id, "model": model,
                                                  "error": failure.message})
             return
         duration_s = time.monotonic() - started
@@ -953,7 +1014,7 @@ class Relay:
             generating_s = time.monotonic() - stats.first_byte_at
             if generating_s > 0.001 and stats.events > 1:
                 tokens_per_second = round(tokens / generating_s, 1)
-        self.registry.release(code, target.id, ttft_ms=ttft_ms,
+        self.registry.record(code, target.id, ttft_ms=ttft_ms,
                               tokens_per_second=tokens_per_second,
                               failed=status is not None and status >= 500)
         self.bus.publish(code, "llm:complete", {
@@ -961,19 +1022,34 @@ class Relay:
             "status": status, "ttftMs": ttft_ms, "durationMs": round(duration_s * 1000, 1),
             "tokens": tokens, "tokensPerSecond": tokens_per_second})
 
-    def _recycle(self, exchange):
-        """Return the exchange's connection to the pool, or close it (once).
+    def _warn(self, participant_id, failure):
+        """Log a backend failure, once a minute per participant and kind, so a
+        dead server polled all day does not fill a Pi's SD card."""
+        key = (participant_id, failure.code)
+        now = time.monotonic()
+        with self._lock:
+            if now - self._warned.get(key, -WARN_EVERY_S) < WARN_EVERY_S:
+                return
+            self._warned[key] = now
+        log.warning("participant %s: %s", participant_id, failure.message)
+
+    def _done_with_backend(self, exchange):
+        """Pool the exchange's connection (or close it) and free the
+        participant's slot, once.
 
         Called as soon as the backend's answer is all read, before the last
-        bytes go to the client, so the client's next request finds it pooled.
+        bytes go to the client, so the client's next request finds both the
+        connection pooled and the participant no longer busy.
         """
-        conn, exchange.conn = exchange.conn, None
-        if conn is None:
+        if exchange.released:
             return
-        if exchange.backend_done and conn.sock is not None:  # not closed by the backend
-            self.pool.put(exchange.key, conn)
-        else:
+        exchange.released = True
+        conn, exchange.conn = exchange.conn, None
+        if conn is not None and exchange.backend_done and conn.sock is not None:
+            self.pool.put(exchange.key, conn)  # (sock is None if the backend said close)
+        elif conn is not None:
             conn.close()
+        self.registry.release(exchange.code, exchange.participant_id)
 
     def _exchange(self, handler, exchange, target, api_path, payload, stats):
         parts = urllib.parse.urlsplit(target.endpoint)
@@ -1023,7 +1099,7 @@ class Relay:
         streaming = response.chunked or response.length is None
         if not streaming:
             return self._relay_whole(handler, exchange, response, content_type, stats)
-        handler.start_chunked(response.status, content_type)
+        handler.start_chunked(response.status, content_type, [("X-Accel-Buffering", "no")])
         failure = None
         while True:
             try:
@@ -1038,7 +1114,7 @@ class Relay:
                 break
             if not data:
                 exchange.finish_backend()
-                self._recycle(exchange)
+                self._done_with_backend(exchange)
                 break
             stats.saw(data, True)
             try:
@@ -1067,7 +1143,7 @@ class Relay:
             raise BackendFailure(502, "Participant's server broke off the answer (%s)"
                                  % _describe(exc), "backend_disconnected")
         exchange.finish_backend()
-        self._recycle(exchange)
+        self._done_with_backend(exchange)
         stats.saw(data, False)
         handler.send_body(response.status, content_type, data)
 
@@ -1150,6 +1226,24 @@ def http_date():
     return _date_cache[1]
 
 
+_DECIMAL = re.compile(r"[0-9]{1,18}\Z")
+_HEX = re.compile(rb"[0-9a-fA-F]{1,15}\Z")
+
+
+def parse_decimal(text):
+    """A Content-Length: ASCII digits only (int() would take "+1", "1_0", "١")."""
+    if not _DECIMAL.match(text):
+        raise ValueError(text)
+    return int(text)
+
+
+def parse_hex(data):
+    """A chunk size: hex digits only (int(..., 16) would take "-1")."""
+    if not _HEX.match(data):
+        raise ValueError(data)
+    return int(data, 16)
+
+
 class Headers(dict):
     """Request headers by lower-case name; a repeated header's values are
     joined with ", " (RFC 9110 section 5.3)."""
@@ -1190,13 +1284,13 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "gambiarra/" + __version__
     disable_nagle_algorithm = True
-    timeout = CLIENT_IDLE_TIMEOUT_S
 
     # -- plumbing --
 
     def setup(self):
-        super().setup()
         self.hub = self.server.hub
+        self.timeout = self.hub.client_timeout  # applied to the socket by setup()
+        super().setup()
         self._body_read = True
         self._head_sent = False
         self._chunked = False
@@ -1309,9 +1403,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         if raw is None:
             return None
         try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError
+            length = parse_decimal(raw)
         except ValueError:
             self.close_connection = True
             raise ApiError(400, "Invalid Content-Length header", "invalid_request")
@@ -1322,12 +1414,18 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         return length
 
     def read_body(self):
-        """The whole request body (Content-Length or chunked), within --max-body."""
+        """The whole request body (Content-Length or chunked), within --max-body.
+
+        A client that stalls or hangs up mid-body is gone: ClientGone."""
         self._body_read = True
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._read_chunked_body()
-        length = self._content_length() or 0
-        data = self.rfile.read(length)
+        try:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                return self._read_chunked_body()
+            length = self._content_length() or 0
+            data = self.rfile.read(length)
+        except OSError:  # timeout or reset
+            self.close_connection = True
+            raise ClientGone()
         if len(data) < length:
             raise ClientGone()
         return data
@@ -1339,7 +1437,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             if not line:
                 raise ClientGone()
             try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
+                size = parse_hex(line.split(b";", 1)[0].strip())
             except ValueError:
                 self.close_connection = True
                 raise ApiError(400, "Malformed chunked request body", "invalid_request")
@@ -1358,7 +1456,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
     def read_json_object(self):
         data = self.read_body()
         try:
-            body = json.loads(data.decode("utf-8"))
+            body = json.loads(data.decode("utf-8"), parse_constant=_reject_json_constant)
         except UnicodeDecodeError:
             raise ApiError(400, "Request body is not UTF-8 text", "invalid_json")
         except ValueError as exc:
@@ -1391,7 +1489,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: close")
         self._head_sent = True
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s -> %d", self.command, self.path[:200], status)
+            log.debug("%s -> %d", self.requestline[:200], status)
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _write(self, data):
@@ -1467,7 +1565,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
     def route_create_room(self):
         body = self.read_json_object()
         name = body.get("name")
-        if not name:
+        if not name or (isinstance(name, str) and not name.strip()):
             raise ApiError(400, "Name is required", "missing_field")
         name = require_string(body, "name")
         room = self.hub.registry.create_room(name)
@@ -1520,6 +1618,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             self.start_chunked(200, "text/event-stream")
             return
         subscriber = self.hub.bus.subscribe(code, self.connection)
+        watch = self.hub.watcher.watch(self.connection, lambda: self.hub.bus.end(subscriber))
         try:
             self.start_chunked(200, "text/event-stream", [("X-Accel-Buffering", "no")])
             self.write_chunk(sse_frame("connected", {"clientId": secrets.token_hex(8)}))
@@ -1533,6 +1632,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.write_chunk(frame)
             self.end_chunked()
         finally:
+            self.hub.watcher.unwatch(watch)
             self.hub.bus.unsubscribe(subscriber)
 
     # -- routes: the OpenAI-compatible API --
@@ -1624,7 +1724,8 @@ class Hub:
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT_S,
                  backend_timeout=DEFAULT_BACKEND_TIMEOUT_S,
                  health_interval=DEFAULT_HEALTH_INTERVAL_S, participant_timeout=None,
-                 forget_after=DEFAULT_FORGET_AFTER_S, sse_keepalive=SSE_KEEPALIVE_S):
+                 forget_after=DEFAULT_FORGET_AFTER_S, sse_keepalive=SSE_KEEPALIVE_S,
+                 client_timeout=CLIENT_IDLE_TIMEOUT_S):
         self.host = host
         self.port = port
         self.max_body = max_body
@@ -1636,9 +1737,11 @@ class Hub:
         self.participant_timeout = participant_timeout
         self.forget_after = forget_after
         self.sse_keepalive = sse_keepalive
+        self.client_timeout = client_timeout
         self.registry = Registry(participant_timeout, forget_after)
         self.bus = EventBus()
         self.relay = None
+        self.watcher = None
         self.server = None
         self._threads = []
         self._sweeper = None
@@ -1648,7 +1751,9 @@ class Hub:
         """Bind and serve. Raises OSError (e.g. EADDRINUSE) if the port is taken."""
         self.server = HubServer((self.host, self.port), self)
         self.port = self.server.server_address[1]
-        self.relay = Relay(self.registry, self.bus, self.connect_timeout, self.backend_timeout)
+        self.watcher = ClientWatcher()
+        self.relay = Relay(self.registry, self.bus, self.watcher, self.connect_timeout,
+                           self.backend_timeout)
         serving = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
                                    name="http-accept", daemon=True)
         serving.start()
@@ -1674,11 +1779,13 @@ class Hub:
         return "http://%s:%d" % (host, self.port)
 
     def sweep(self):
-        """One health sweep: publish what changed (outside the registry lock)."""
+        """One health sweep: publish what changed (outside the registry lock)
+        and close idle backend connections."""
         for code, event, data in self.registry.sweep():
             log.info("participant %s in room %s: %s", data["participantId"], code,
                      event.split(":")[1])
             self.bus.publish(code, event, data)
+        self.relay.pool.prune()
 
     def close(self):
         """Stop serving and release every thread, timer and socket (idempotent)."""
@@ -1692,6 +1799,7 @@ class Hub:
         self.bus.close()
         self.relay.close()
         self.server.close_connections(timeout=5)
+        self.watcher.close()
         for thread in self._threads + [self._sweeper]:
             thread.join(5)
 

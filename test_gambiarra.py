@@ -14,6 +14,7 @@ import http.client
 import http.server
 import io
 import json
+import logging
 import os
 import select
 import signal
@@ -125,6 +126,8 @@ class FakeBackendHandler(http.server.BaseHTTPRequestHandler):
             usage = {"choices": [], "usage": {"completion_tokens": 42}}
             self.write_chunk(b"data: " + json.dumps(usage).encode() + b"\n\n")
         self.write_chunk(b"data: [DONE]\n\n")
+        if fake.get("pause_after_done"):
+            time.sleep(fake["pause_after_done"])
         self.write_chunk(b"")
 
     def write_chunk(self, data):
@@ -192,6 +195,26 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class CapturedLogs(logging.Handler):
+    """Collects the gambiarra logger's records during a test."""
+
+    def __init__(self, test, level=logging.DEBUG):
+        super().__init__(level)
+        self.records = []
+        logger = logging.getLogger("gambiarra")
+        old_level = logger.level
+        logger.setLevel(level)
+        logger.addHandler(self)
+        test.addCleanup(logger.setLevel, old_level)
+        test.addCleanup(logger.removeHandler, self)
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def at(self, level):
+        return [r.getMessage() for r in self.records if r.levelno >= level]
 
 
 class HubTestCase(unittest.TestCase):
@@ -305,6 +328,35 @@ class EventStream:
 
 
 # === Helpers of gambiarra.py ===
+
+class FakeConnection:
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+class TestConnectionPool(unittest.TestCase):
+    def test_idle_connections_expire(self):
+        now = [100.0]
+        pool = gambiarra.ConnectionPool(1, 1, idle_s=4, clock=lambda: now[0])
+        key = ("http", "127.0.0.1", 1)
+        old, fresh = FakeConnection(), FakeConnection()
+        pool.put(key, old)
+        now[0] += 3
+        pool.put(key, fresh)
+        self.assertEqual(pool.get(key), (fresh, True))  # most recent first
+        pool.put(key, fresh)
+        now[0] += 2  # old: 5 s idle, fresh: 2 s
+        pool.prune()
+        self.assertTrue(old.closed)
+        self.assertFalse(fresh.closed)
+        now[0] += 5
+        conn, reused = pool.get(key)
+        self.assertFalse(reused)  # the expired one was closed, not handed out
+        self.assertTrue(fresh.closed)
+        pool.close()
+
 
 class TestHelpers(unittest.TestCase):
     def test_endpoint_trailing_v1_and_slash_are_dropped(self):
@@ -489,9 +541,19 @@ class TestHttpApi(HubTestCase):
                 self.assertIn(words, message)
         self.assertEqual(self.request("GET", "/health")[0], 200)
 
+    def test_nan_and_blank_values_are_refused(self):
+        code = self.create_room()
+        status, _, answer = self.request("POST", "/rooms/%s/v1/chat/completions" % code,
+                                         raw=b'{"model": "*", "temperature": NaN}')
+        self.assertEqual(status, 400)
+        self.assertIn("NaN", answer["error"]["message"])
+        self.assertEqual(self.request("POST", "/rooms", {"name": "   "})[2],
+                         {"error": "Name is required"})
+
     def test_chat_needs_a_string_model(self):
         code = self.create_room()
-        for body, words in (({"messages": []}, "model"), ({"model": 3}, "model")):
+        for body, words in (({"messages": []}, "model"), ({"model": 3}, "model"),
+                            ({"model": ""}, "model")):
             status, _, answer = self.request("POST", "/rooms/%s/v1/chat/completions" % code,
                                              body)
             self.assertEqual(status, 400)
@@ -513,6 +575,50 @@ class TestHttpApi(HubTestCase):
         self.assertTrue(data.startswith(b"HTTP/1.1 400"), data)
         self.assertIn(b'{"error":', data)
         self.assertEqual(self.request("GET", "/health")[0], 200)
+
+
+class TestClientFaults(HubTestCase):
+    """Clients that misbehave are the client's problem: no 500, no traceback."""
+
+    hub_options = {"client_timeout": 0.3}
+
+    def raw(self, data, linger_reset=False):
+        """Send raw bytes; return what the hub answers before closing."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S)
+        with sock:
+            sock.sendall(data)
+            if linger_reset:  # close with RST instead of FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                return b""
+            return sock.makefile("rb").read()
+
+    def test_garbage_request_lines_get_json_400_even_with_debug_logs(self):
+        logs = CapturedLogs(self)
+        for line in (b"xx\r\n\r\n", b"GET / HTTP/x\r\n\r\n", b"GET /health HTTP/2.0\r\n\r\n",
+                     b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
+            answer = self.raw(line)
+            self.assertRegex(answer, rb"^HTTP/1.1 (400|414|505) ", line[:30])
+            self.assertIn(b'{"error":', answer)
+        self.assertEqual(logs.at(logging.ERROR), [])
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+
+    def test_client_stalling_or_resetting_mid_body_is_not_a_hub_error(self):
+        logs = CapturedLogs(self)
+        head = (b"POST /rooms HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{\"name\":")
+        self.assertNotIn(b"500", self.raw(head))  # waits for the hub's timeout, then closed
+        self.raw(head, linger_reset=True)
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+        self.assertEqual(logs.at(logging.ERROR), [])
+
+    def test_numbers_in_framing_are_strict(self):
+        for header in (b"Content-Length: 1_3", b"Content-Length: +13", b"Content-Length: 13\r\n"
+                       b"Content-Length: 14", b"Transfer-Encoding: chunked"):
+            body = b"-1\r\n" + b"x" * 100 if b"chunked" in header else b'{"name":"abcd"}'
+            answer = self.raw(b"POST /rooms HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n"
+                              + body)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (header, answer[:60]))
+        self.assertEqual(self.request("GET", "/rooms")[2], {"rooms": []})
 
 
 class TestBodyLimit(HubTestCase):
@@ -679,6 +785,38 @@ class TestRelay(HubTestCase):
         self.assertIsNotNone(metrics["ttftMs"])
         self.assertIsNotNone(metrics["ttftMedianMs"])
 
+    def test_client_closing_right_after_done_is_a_complete_answer(self):
+        events = EventStream(self.port, self.code)
+        self.addCleanup(events.close)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
+            body = json.dumps({"model": "alice", "stream": True,
+                               "fake": {"pause_after_done": 0.5}}).encode()
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+                self.chat_path.encode(), len(body), body))
+            data = b""
+            while b"[DONE]" not in data:
+                data += sock.recv(65536)
+        _, complete = events.next_event(skip=("connected", "llm:request"))
+        self.assertEqual(complete["status"], 200)  # llm:complete, not llm:error
+
+    def test_backend_failures_are_logged_once_a_minute(self):
+        logs = CapturedLogs(self, logging.INFO)
+        self.join(self.code, self.fake, pid="ghost", endpoint="http://127.0.0.1:%d" % free_port())
+        for _ in range(3):
+            self.assertEqual(self.chat(self.code, "ghost")[0], 502)
+        warnings = logs.at(logging.WARNING)
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("ghost", warnings[0])
+
+    def test_closing_the_hub_mid_stream_ends_it_with_an_error_event(self):
+        conn, response = self.open_stream(self.chat_path, {
+            "model": "alice", "stream": True, "fake": {"chunks": 3, "stall_after": 1}})
+        first = response.read1(65536)
+        self.assertIn(b'"seq": 0', first)
+        self.hub.close()
+        events = sse_events(first + response.read())
+        self.assertIn("error", json.loads(events[-1][1]))
+
     def test_tokens_are_counted_from_chunks_without_usage(self):
         events = EventStream(self.port, self.code)
         self.addCleanup(events.close)
@@ -785,7 +923,6 @@ class TestRouting(HubTestCase):
 # === Events and health sweeps ===
 
 class TestEvents(HubTestCase):
-    hub_options = {"sse_keepalive": 0.05}
 
     def setUp(self):
         super().setUp()
@@ -807,10 +944,19 @@ class TestEvents(HubTestCase):
                          ("participant:left", {"participantId": "alice", "reason": "left"}))
 
     def test_idle_stream_gets_keep_alive_comments(self):
-        self.events.next_event()
+        self.hub.sse_keepalive = 0.05
+        events = EventStream(self.port, self.code)
+        self.addCleanup(events.close)
+        events.next_event()
         data = b""
         while b": keep-alive" not in data:
-            data += self.events.response.read1(1024)
+            data += events.response.read1(1024)
+
+    def test_a_subscriber_that_leaves_is_dropped_at_once(self):
+        self.events.next_event()
+        self.assertTrue(wait_until(lambda: self.hub.bus._rooms.get(self.code)))
+        self.events.close()  # the keep-alive interval is 15 s: no write would notice
+        self.assertTrue(wait_until(lambda: not self.hub.bus._rooms.get(self.code), timeout=5))
 
     def test_events_of_an_unknown_room_are_404(self):
         status, _, answer = self.request("GET", "/rooms/NOPE99/events")

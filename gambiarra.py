@@ -38,13 +38,10 @@ import secrets
 import selectors
 import signal
 import socket
-import statistics
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
 __version__ = "0.1.0"
 __all__ = ["Hub", "ApiError", "main", "__version__"]
@@ -247,6 +244,15 @@ class RepeatingTimer(threading.Timer):
 
 # === Data model and registry ===
 
+def median_of(values):
+    """The median (statistics.median, without importing decimal and fractions)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
 class Metrics:
     """Per-participant counters shown in ``participants`` and the monitor."""
 
@@ -260,7 +266,7 @@ class Metrics:
         self.tokens_per_second = None
 
     def to_json(self):
-        median = round(statistics.median(self.ttft_samples), 1) if self.ttft_samples else None
+        median = round(median_of(self.ttft_samples), 1) if self.ttft_samples else None
         return {"requests": self.requests, "errors": self.errors, "ttftMs": self.ttft_ms,
                 "ttftMedianMs": median, "tokensPerSecond": self.tokens_per_second}
 
@@ -1996,6 +2002,8 @@ def cmd_serve(args):
 
 def hub_request(hub_url, method, path, body=None, timeout=10):
     """Call a management route; return the decoded JSON or raise GambiarraError."""
+    import urllib.error  # here, not at the top: the hub itself never needs them
+    import urllib.request
     data = json_bytes(body) if body is not None else None
     request = urllib.request.Request(hub_url.rstrip("/") + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})

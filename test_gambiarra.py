@@ -371,6 +371,10 @@ class TestHelpers(unittest.TestCase):
                 gambiarra.normalize_endpoint(url)
             self.assertEqual(caught.exception.status, 400)
 
+    def test_median(self):
+        self.assertEqual(gambiarra.median_of([3, 1, 2]), 2)
+        self.assertEqual(gambiarra.median_of([4, 1, 2, 3]), 2.5)
+
     def test_model_matching_accepts_latest_tag(self):
         self.assertTrue(gambiarra.model_matches("llama3", "llama3:latest"))
         self.assertTrue(gambiarra.model_matches("llama3:8b", "llama3:8b"))
@@ -1181,6 +1185,15 @@ async def bench_backend_connection(reader, writer):
         writer.close()
 
 
+def run_bench_fake_backend():
+    """python3 test_gambiarra.py bench-fake-backend: the tests' FakeBackend
+    (http.server, like most small OpenAI-compatible servers) until stdin closes."""
+    backend = FakeBackend()
+    print(backend.server.server_address[1], flush=True)
+    sys.stdin.read()
+    backend.close()
+
+
 def run_bench_backend():
     """python3 test_gambiarra.py bench-backend: serve until stdin closes."""
     async def serve():
@@ -1238,10 +1251,11 @@ def proc_stat(pid):
     return cpu, len(os.listdir("/proc/%d/task" % pid)), len(os.listdir("/proc/%d/fd" % pid)), rss
 
 
-def start_bench_hub(port):
+def start_bench_hub(port, python_flags=()):
     """Start ``serve`` as a user would; return (process, seconds to first 200)."""
     started = time.monotonic()
-    hub = subprocess.Popen([sys.executable, os.path.join(HERE, "gambiarra.py"), "serve",
+    hub = subprocess.Popen([sys.executable] + list(python_flags) + [
+                            os.path.join(HERE, "gambiarra.py"), "serve",
                             "--host", "127.0.0.1", "--port", str(port), "--quiet",
                             "--health-interval", "3600"],
                            stdin=subprocess.DEVNULL)
@@ -1259,12 +1273,12 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def measure_latency(port, path, count):
+async def measure_latency(port, path, count, model="*"):
     client = await BenchClient(port).connect()
     times = []
     for _ in range(count):
         started = time.monotonic()
-        status, _ = await client.post(path, {"model": "*", "messages": []})
+        status, _ = await client.post(path, {"model": model, "messages": []})
         assert status == 200, status
         times.append(time.monotonic() - started)
     client.close()
@@ -1278,7 +1292,7 @@ async def measure_throughput(port, path, clients, seconds):
     async def worker():
         client = await BenchClient(port).connect()
         while time.monotonic() < deadline:
-            status, _ = await client.post(path, {"model": "*", "messages": []})
+            status, _ = await client.post(path, {"model": "bench", "messages": []})
             assert status == 200, status
             done[0] += 1
         client.close()
@@ -1323,12 +1337,17 @@ def run_bench():
     backend = subprocess.Popen([sys.executable, __file__, "bench-backend"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     backend_port = int(backend.stdout.readline())
-    hub_port = free_port()
-    hub, start_s = start_bench_hub(hub_port)
-    try:
+    for flags, note in (((), ""), (("-S",), " (python3 -S: without this machine's site "
+                                              "packages)")):
+        hub, start_s = start_bench_hub(free_port(), flags)
         time.sleep(0.5)
-        print("start to first 200 on /health: %.0f ms; idle RSS %.1f MiB" % (
-            start_s * 1000, proc_stat(hub.pid)[3] / 1024))
+        print("start to first 200 on /health: %.0f ms; idle RSS %.1f MiB%s" % (
+            start_s * 1000, proc_stat(hub.pid)[3] / 1024, note))
+        hub.terminate()
+        hub.wait(WAIT_S)
+    hub_port = free_port()
+    hub, _ = start_bench_hub(hub_port)
+    try:
         code = json.loads(urllib.request.urlopen(urllib.request.Request(
             "http://127.0.0.1:%d/rooms" % hub_port, data=b'{"name": "bench"}',
             method="POST"), timeout=WAIT_S).read())["room"]["code"]
@@ -1341,6 +1360,7 @@ def run_bench():
         via_hub = (hub_port, "/rooms/%s/v1/chat/completions" % code)
         direct = (backend_port, "/v1/chat/completions")
         asyncio.run(bench_all(hub.pid, via_hub, direct))
+        bench_http_server_backend(hub_port, code)
     finally:
         hub.terminate()
         hub.wait(WAIT_S)
@@ -1348,20 +1368,46 @@ def run_bench():
         backend.wait(WAIT_S)
 
 
+def bench_http_server_backend(hub_port, code):
+    """The 1-client ratio again, with the tests' http.server fake as the backend."""
+    fake = subprocess.Popen([sys.executable, __file__, "bench-fake-backend"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        port = int(fake.stdout.readline())
+        join = json.dumps({"id": "fake", "nickname": "fake", "model": "fake-model",
+                           "endpoint": "http://127.0.0.1:%d" % port}).encode()
+        urllib.request.urlopen(urllib.request.Request(
+            "http://127.0.0.1:%d/rooms/%s/join" % (hub_port, code), data=join,
+            method="POST"), timeout=WAIT_S).read()
+        path = "/rooms/%s/v1/chat/completions" % code
+
+        async def measure():
+            await measure_latency(hub_port, path, 200, "fake")
+            direct = await measure_latency(port, "/v1/chat/completions", 2000)
+            hub = await measure_latency(hub_port, path, 2000, "fake")
+            return statistics.median(direct), statistics.median(hub)
+        direct, hub = asyncio.run(measure())
+        print("non-streaming, 1 client, http.server fake backend: direct p50 %.3f ms, hub p50 "
+              "%.3f ms -> %.2fx" % (direct * 1000, hub * 1000, hub / direct))
+    finally:
+        fake.stdin.close()
+        fake.wait(WAIT_S)
+
+
 async def bench_all(hub_pid, via_hub, direct):
     # Non-streaming, one client.
     await measure_latency(*via_hub, 200)  # warm up
     d = await measure_latency(*direct, 2000)
-    h = await measure_latency(*via_hub, 2000)
+    h = await measure_latency(*via_hub, 2000, "bench")
     print("non-streaming, 1 client: direct p50 %.3f ms, hub p50 %.3f ms -> %.2fx" % (
         statistics.median(d) * 1000, statistics.median(h) * 1000,
         statistics.median(h) / statistics.median(d)))
     # Non-streaming, 16 clients.
     for clients in (16,):
-        n_direct = await measure_throughput(*direct, clients, 3)
         cpu_before = proc_stat(hub_pid)[0]
         n_hub = await measure_throughput(*via_hub, clients, 3)
         cpu = proc_stat(hub_pid)[0] - cpu_before
+        n_direct = await measure_throughput(*direct, clients, 3)
         print("non-streaming, %d clients: direct %.0f req/s, hub %.0f req/s, hub CPU "
               "%.3f ms/request" % (clients, n_direct / 3, n_hub / 3, cpu / n_hub * 1000))
     # Paced streams, one at a time: first chunk and per-chunk delay.
@@ -1403,5 +1449,7 @@ if __name__ == "__main__":
         run_bench()
     elif sys.argv[1:2] == ["bench-backend"]:
         run_bench_backend()
+    elif sys.argv[1:2] == ["bench-fake-backend"]:
+        run_bench_fake_backend()
     else:
         unittest.main()

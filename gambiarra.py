@@ -1877,6 +1877,13 @@ EPILOG_SERVE = """examples:
 """
 
 
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
 def positive_float(text):
     value = float(text)
     if value <= 0:
@@ -1905,7 +1912,7 @@ def build_parser():
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="log detail (default: %(default)s)")
-    serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
+    serve.add_argument("--max-body", type=positive_int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
                        help="largest request body accepted (default: %(default)s)")
     serve.add_argument("--connect-timeout", type=positive_float,
                        default=DEFAULT_CONNECT_TIMEOUT_S, metavar="S",

@@ -22,9 +22,12 @@ Standard library only; CPython 3.8 to 3.13. MIT licence.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import email.utils
 import errno
+import hashlib
+import hmac
 import http.client
 import http.server
 import itertools
@@ -39,6 +42,7 @@ import selectors
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -107,6 +111,18 @@ WARN_EVERY_S = 60.0
 TTFT_SAMPLES = 100
 #: Stream tail searched for a final "usage" object (metrics only).
 USAGE_TAIL_BYTES = 4096
+
+#: A room with no participant for this long is removed.
+DEFAULT_ROOM_TTL_S = 24 * 3600.0
+#: Room password hashing: scrypt with 4 MiB of memory (about 9 ms of CPU on a
+#: laptop core, 30-40 ms on a Raspberry Pi 4). The parameters are stored with
+#: each hash, so they can be raised later without breaking saved rooms.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 12, 8, 1
+#: The fallback where hashlib has no scrypt (Python built without OpenSSL 1.1).
+PBKDF2_ITERATIONS = 100000
+#: Checked passwords remembered per room (as keyed digests, in memory only),
+#: so Bearer tokens on every request cost a HMAC instead of a scrypt.
+PASSWORD_CACHE_ENTRIES = 64
 
 #: Room codes: 6 characters without look-alikes (0/O, 1/I/L), upper case.
 ROOM_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
@@ -276,7 +292,7 @@ class Participant:
 
     __slots__ = ("id", "nickname", "model", "endpoint", "config", "specs", "transport",
                  "max_concurrent", "joined_at_ms", "last_seen_ms", "last_seen",
-                 "offline_since", "in_flight", "metrics", "penalized_until")
+                 "offline_since", "in_flight", "metrics", "penalized_until", "secret")
 
     def __init__(self, fields, clock):
         self.id = fields["id"]
@@ -293,6 +309,7 @@ class Participant:
         self.in_flight = 0
         self.metrics = Metrics()
         self.penalized_until = 0.0
+        self.secret = secrets.token_urlsafe(24)  # 192 bits; only join's answer shows it
 
     @property
     def online(self):
@@ -312,20 +329,80 @@ class Participant:
                 "metrics": self.metrics.to_json()}
 
 
-class Room:
-    __slots__ = ("id", "code", "name", "host_id", "created_at_ms", "participants")
+def hash_password(password):
+    """A salted, self-describing hash of a room password (never the password)."""
+    salt = os.urandom(16)
+    data = password.encode("utf-8")
+    if hasattr(hashlib, "scrypt"):
+        digest = hashlib.scrypt(data, salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+        params = "scrypt$%d$%d$%d" % (SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    else:
+        digest = hashlib.pbkdf2_hmac("sha256", data, salt, PBKDF2_ITERATIONS)
+        params = "pbkdf2_sha256$%d" % PBKDF2_ITERATIONS
+    return "%s$%s$%s" % (params, base64.b64encode(salt).decode(), base64.b64encode(digest).decode())
 
-    def __init__(self, code, name):
+
+def password_matches(password_bytes, stored):
+    """Check UTF-8 password bytes against hash_password()'s output, in
+    constant time. Both hash functions release the GIL while they work."""
+    try:
+        kind, *params, salt, digest = stored.split("$")
+        salt, digest = base64.b64decode(salt), base64.b64decode(digest)
+        if kind == "scrypt":
+            n, r, p = (int(x) for x in params)
+            candidate = hashlib.scrypt(password_bytes, salt=salt, n=n, r=r, p=p,
+                                       maxmem=256 * 1024 * 1024, dklen=len(digest))
+        elif kind == "pbkdf2_sha256":
+            candidate = hashlib.pbkdf2_hmac("sha256", password_bytes, salt, int(params[0]))
+        else:
+            return False
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return hmac.compare_digest(candidate, digest)
+
+
+def secret_matches(offered, expected):
+    """Compare secrets as UTF-8 bytes in constant time (None never matches)."""
+    if offered is None:
+        return False
+    return hmac.compare_digest(offered.encode("utf-8"), expected.encode("utf-8"))
+
+
+class Room:
+    """A room: its identity (kept in the state file) and its participants."""
+
+    __slots__ = ("id", "code", "name", "host_id", "created_at_ms", "password_hash",
+                 "empty_since_ms", "participants", "checked_passwords")
+
+    def __init__(self, code, name, password_hash=None):
         self.id = secrets.token_urlsafe(15)
         self.code = code
         self.name = name
         self.host_id = secrets.token_hex(16)
-        self.created_at_ms = now_ms()
+        self.created_at_ms = self.empty_since_ms = now_ms()
+        self.password_hash = password_hash
         self.participants = {}
+        self.checked_passwords = {}  # keyed digest of a password -> it matched
 
     def to_json(self):
         return {"id": self.id, "code": self.code, "name": self.name,
                 "hostId": self.host_id, "createdAt": self.created_at_ms}
+
+    def to_state(self):
+        """What the state file keeps: identity and password hash, no participants."""
+        return dict(self.to_json(), passwordHash=self.password_hash,
+                    emptySince=self.empty_since_ms)
+
+    @classmethod
+    def from_state(cls, data):
+        room = cls(str(data["code"]), str(data["name"]), data.get("passwordHash"))
+        room.id = str(data["id"])
+        room.host_id = str(data["hostId"])
+        room.created_at_ms = int(data["createdAt"])
+        room.empty_since_ms = int(data.get("emptySince") or now_ms())
+        if room.password_hash is not None and not isinstance(room.password_hash, str):
+            raise ValueError("passwordHash must be a string")
+        return room
 
 
 class Target:
@@ -359,21 +436,65 @@ class Registry:
     while it is held; events are returned to the caller to publish.
     """
 
-    def __init__(self, participant_timeout_s, forget_after_s, clock=time.monotonic):
+    def __init__(self, participant_timeout_s, forget_after_s, room_ttl_s=DEFAULT_ROOM_TTL_S,
+                 clock=time.monotonic, on_rooms_changed=None):
         self.participant_timeout_s = participant_timeout_s
         self.forget_after_s = forget_after_s
+        self.room_ttl_s = room_ttl_s
         self.clock = clock
+        self.on_rooms_changed = on_rooms_changed or (lambda: None)
+        self._cache_key = os.urandom(32)  # keys the digests of checked passwords
         self._lock = threading.Lock()
         self._rooms = {}  # code -> Room
 
     # -- rooms --
 
-    def create_room(self, name):
+    def create_room(self, name, password_hash=None):
         with self._lock:
             code = self._unused_code()
-            room = Room(code, name)
+            room = Room(code, name, password_hash)
             self._rooms[code] = room
-            return room.to_json()
+            created = room.to_json()
+        self.on_rooms_changed()
+        return created
+
+    def restore_rooms(self, saved):
+        """Rooms from the state file (ValueError/KeyError/TypeError if malformed)."""
+        rooms = [Room.from_state(data) for data in saved]
+        with self._lock:
+            for room in rooms:
+                self._rooms[room.code.upper()] = room
+
+    def rooms_state(self):
+        with self._lock:
+            return [room.to_state() for room in self._rooms.values()]
+
+    def authorize(self, code, password_bytes):
+        """Raise 401 unless the room is open or ``password_bytes`` is its password.
+
+        The slow hash runs outside the lock, and each password checked is
+        remembered as a keyed digest so the next request costs a HMAC."""
+        with self._lock:
+            room = self._room(code)
+            stored = room.password_hash
+            if stored is None:
+                return
+            key = password_bytes and hmac.new(self._cache_key, password_bytes,
+                                              hashlib.sha256).digest()
+            known = room.checked_passwords.get(key)
+        if password_bytes is None:
+            raise ApiError(401, "This room needs its password: send it as 'Authorization: "
+                                "Bearer PASSWORD' (the API key of OpenAI clients)",
+                           "missing_password", headers=[("WWW-Authenticate", "Bearer")])
+        if known is None:
+            known = password_matches(password_bytes, stored)
+            with self._lock:
+                if len(room.checked_passwords) >= PASSWORD_CACHE_ENTRIES:
+                    room.checked_passwords.clear()
+                room.checked_passwords[key] = known
+        if not known:
+            raise ApiError(401, "Invalid password", "invalid_password",
+                           headers=[("WWW-Authenticate", "Bearer")])
 
     def _unused_code(self):
         while True:
@@ -383,7 +504,8 @@ class Registry:
 
     def list_rooms(self):
         with self._lock:
-            return [dict(room.to_json(), participantCount=len(room.participants))
+            return [dict(room.to_json(), participantCount=len(room.participants),
+                         protected=room.password_hash is not None)
                     for room in self._rooms.values()]
 
     def _room(self, code):
@@ -398,30 +520,52 @@ class Registry:
 
     # -- participants --
 
-    def join(self, code, fields):
-        """Add or replace a participant; return (participant JSON, room id)."""
+    def join(self, code, fields, offered_secret=None):
+        """Add a participant, or replace one that proves it is the same with
+        its current secret; return (participant JSON, room id, secret)."""
         with self._lock:
             room = self._room(code)
             participant = Participant(fields, self.clock)
             old = room.participants.get(participant.id)
-            if old is not None:  # a re-join keeps the history of the same id
-                participant.metrics = old.metrics
+            if old is not None:
+                if not secret_matches(offered_secret, old.secret):
+                    raise ApiError(401, "Participant id '%s' is taken in this room; re-joining "
+                                        "with it needs its secret" % participant.id,
+                                   "invalid_secret")
+                participant.metrics = old.metrics  # a re-join keeps its history
                 participant.in_flight = old.in_flight
             room.participants[participant.id] = participant
-            return participant.to_json(), room.id
+            was_empty, room.empty_since_ms = room.empty_since_ms is not None, None
+            joined = participant.to_json(), room.id, participant.secret
+        if was_empty:
+            self.on_rooms_changed()
+        return joined
 
-    def leave(self, code, participant_id):
+    def _own_participant(self, code, participant_id, offered_secret):
+        """The participant, if ``offered_secret`` is its secret (404/401 otherwise)."""
+        participant = self._room(code).participants.get(participant_id)
+        if participant is None:
+            raise ApiError(404, "Participant not found", "participant_not_found")
+        if not secret_matches(offered_secret, participant.secret):
+            raise ApiError(401, "Missing or wrong participant secret (send the secret that "
+                                "join answered as X-Gambiarra-Secret)", "invalid_secret")
+        return participant
+
+    def leave(self, code, participant_id, offered_secret):
         with self._lock:
+            self._own_participant(code, participant_id, offered_secret)
             room = self._room(code)
-            if room.participants.pop(participant_id, None) is None:
-                raise ApiError(404, "Participant not found", "participant_not_found")
+            del room.participants[participant_id]
+            emptied = not room.participants
+            if emptied:
+                room.empty_since_ms = now_ms()
+        if emptied:
+            self.on_rooms_changed()
 
-    def heartbeat(self, code, participant_id):
+    def heartbeat(self, code, participant_id, offered_secret):
         """Record a ping; return True when it brought the participant back online."""
         with self._lock:
-            participant = self._room(code).participants.get(participant_id)
-            if participant is None:
-                raise ApiError(404, "Participant not found", "participant_not_found")
+            participant = self._own_participant(code, participant_id, offered_secret)
             participant.last_seen = self.clock()
             participant.last_seen_ms = now_ms()
             came_back = not participant.online
@@ -445,17 +589,31 @@ class Registry:
         now = self.clock()
         events = []
         with self._lock:
-            for room in self._rooms.values():
-                for participant in list(room.participants.values()):
-                    if participant.online:
-                        if now - participant.last_seen > self.participant_timeout_s:
-                            participant.offline_since = now
-                            events.append((room.code, "participant:offline",
-                                           {"participantId": participant.id}))
-                    elif now - participant.offline_since > self.forget_after_s:
-                        del room.participants[participant.id]
-                        events.append((room.code, "participant:left",
-                                       {"participantId": participant.id, "reason": "timeout"}))
+            for room in list(self._rooms.values()):
+                events.extend(self._sweep_participants(room, now))
+                if not room.participants and room.empty_since_ms is None:
+                    room.empty_since_ms = now_ms()
+                elif (room.empty_since_ms is not None
+                        and now_ms() - room.empty_since_ms > self.room_ttl_s * 1000):
+                    del self._rooms[room.code]
+                    events.append((room.code, "room:removed", {"roomId": room.id,
+                                                               "code": room.code}))
+        if any(event in ("room:removed", "participant:left") for _, event, _ in events):
+            self.on_rooms_changed()
+        return events
+
+    def _sweep_participants(self, room, now):
+        events = []
+        for participant in list(room.participants.values()):
+            if participant.online:
+                if now - participant.last_seen > self.participant_timeout_s:
+                    participant.offline_since = now
+                    events.append((room.code, "participant:offline",
+                                   {"participantId": participant.id}))
+            elif now - participant.offline_since > self.forget_after_s:
+                del room.participants[participant.id]
+                events.append((room.code, "participant:left",
+                               {"participantId": participant.id, "reason": "timeout"}))
         return events
 
     # -- routing --
@@ -530,6 +688,94 @@ class Registry:
                 metrics.tokens_per_second = tokens_per_second
 
 
+def default_state_path(port):
+    """$XDG_STATE_HOME/gambiarra/hub-PORT.json (XDG_STATE_HOME: ~/.local/state)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                            ".local", "state")
+    return os.path.join(base, "gambiarra", "hub-%d.json" % port)
+
+
+class StateFile:
+    """The rooms of a hub on disk, so a restart keeps their codes and passwords.
+
+    Saving happens in its own thread: a request that changes the rooms only
+    sets an Event, and never waits on the disk. Each save writes a temporary
+    file in the same folder (mode 0600) and renames it over the old one, so
+    a crash leaves either the old file or the new one, never half of one.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path, snapshot):
+        self.path = os.path.abspath(path)
+        self.snapshot = snapshot  # callable returning the rooms to keep
+        self._changed = threading.Event()
+        self._closing = False
+        self._thread = None
+
+    def load(self):
+        """The saved rooms ([] when there is no file yet); GambiarraError if the
+        file cannot be used, because overwriting it would lose rooms."""
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, dict) or not isinstance(data.get("rooms"), list):
+                raise ValueError("no list of rooms")
+            return data["rooms"]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise self.unusable(exc)
+
+    def unusable(self, exc):
+        return GambiarraError(
+            "cannot use the state file %s (%s). Move it away to start with no rooms, or run "
+            "with --state '' to keep no state" % (self.path, getattr(exc, "strerror", None)
+                                                  or exc))
+
+    def start(self):
+        """Save on every change from now on."""
+        self._thread = threading.Thread(target=self._run, name="state-file", daemon=True)
+        self._thread.start()
+
+    def changed(self):
+        self._changed.set()
+
+    def _run(self):
+        while True:
+            self._changed.wait()
+            self._changed.clear()
+            self.save()
+            if self._closing and not self._changed.is_set():
+                return
+
+    def save(self):
+        rooms = self.snapshot()
+        folder = os.path.dirname(self.path)
+        try:
+            fd, temporary = tempfile.mkstemp(prefix=".hub-", suffix=".tmp", dir=folder)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({"version": self.VERSION, "rooms": rooms}, f, indent=1)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(temporary, self.path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
+        except OSError as exc:
+            log.error("cannot save the rooms to %s: %s", self.path, exc.strerror or exc)
+
+    def close(self):
+        """Write the last change, then stop."""
+        if self._thread is None:
+            return
+        self._closing = True
+        self._changed.set()
+        self._thread.join(10)
+
+
 # === Event bus ===
 
 class Subscriber:
@@ -594,18 +840,22 @@ class EventBus:
                 subscriber.disconnect()
 
     def end(self, subscriber):
-        """End one subscriber's stream (its client left, or the hub closes)."""
-        self.unsubscribe(subscriber)
+        """End one subscriber's stream (its client left, or the hub closes);
+        its thread unsubscribes once the stream is closed."""
         try:
             subscriber.queue.put_nowait(self.CLOSED)
         except queue.Full:
             subscriber.disconnect()
 
-    def close(self):
+    def close(self, timeout=1.0):
+        """End every stream and give their threads ``timeout`` to finish them."""
         with self._lock:
             subscribers = [s for group in self._rooms.values() for s in group]
         for subscriber in subscribers:
             self.end(subscriber)
+        deadline = time.monotonic() + timeout
+        while self._rooms and time.monotonic() < deadline:
+            time.sleep(0.005)
 
 
 # === Relay ===
@@ -1574,8 +1824,9 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         if not name or (isinstance(name, str) and not name.strip()):
             raise ApiError(400, "Name is required", "missing_field")
         name = require_string(body, "name")
-        room = self.hub.registry.create_room(name)
-        log.info("room %s created: %s", room["code"], name)
+        password = require_string(body, "password", MAX_NAME_CHARS, required=False)
+        room = self.hub.registry.create_room(name, password and hash_password(password))
+        log.info("room %s created: %s%s", room["code"], name, " (protected)" if password else "")
         self.send_json(201, {"room": room, "hostId": room["hostId"]})
 
     def route_join(self, code):
@@ -1590,17 +1841,35 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             "maxConcurrent": optional_positive_int(body, "maxConcurrent",
                                                    DEFAULT_MAX_CONCURRENT),
         }
-        require_string(body, "password", required=False)
-        participant, room_id = self.hub.registry.join(code, fields)
+        password = require_string(body, "password", required=False) or ""
+        self.hub.registry.authorize(code, password.encode("utf-8"))
+        participant, room_id, secret = self.hub.registry.join(
+            code, fields, self._participant_secret(body))
         code = code.upper()
         log.info("%s joined room %s serving %s", participant["nickname"], code,
                  participant["model"])
         self.hub.bus.publish(code, "participant:joined", participant)
-        self.send_json(201, {"participant": participant, "roomId": room_id,
+        self.send_json(201, {"participant": participant, "roomId": room_id, "secret": secret,
                              "healthInterval": int(self.hub.health_interval * 1000)})
 
+    def _participant_secret(self, body):
+        """The participant secret: X-Gambiarra-Secret, else "secret" in the body."""
+        header = self.headers.get("X-Gambiarra-Secret")
+        if header is not None:
+            return header.encode("latin-1").decode("utf-8", "replace")
+        value = body.get("secret")
+        return value if isinstance(value, str) else None
+
+    def _authorize(self, code):
+        """404 for an unknown room; 401 unless it is open or the request carries
+        its password as 'Authorization: Bearer PASSWORD'."""
+        scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+        password = token.strip().encode("latin-1") if scheme.lower() == "bearer" else None
+        self.hub.registry.authorize(code, password)
+
     def route_leave(self, code, participant_id):
-        self.hub.registry.leave(code, participant_id)
+        body = self.read_json_object() if not self._body_read else {}
+        self.hub.registry.leave(code, participant_id, self._participant_secret(body))
         self.hub.bus.publish(code.upper(), "participant:left",
                              {"participantId": participant_id, "reason": "left"})
         self.send_json(200, {"success": True})
@@ -1608,16 +1877,18 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
     def route_heartbeat(self, code):
         body = self.read_json_object()
         participant_id = require_string(body, "id", MAX_ID_CHARS)
-        if self.hub.registry.heartbeat(code, participant_id):
+        if self.hub.registry.heartbeat(code, participant_id, self._participant_secret(body)):
             self.hub.bus.publish(code.upper(), "participant:online",
                                  {"participantId": participant_id})
         self.send_json(200, {"success": True})
 
     def route_participants(self, code):
+        self._authorize(code)
         self.send_json(200, {"participants": self.hub.registry.participants_json(code)})
 
     def route_events(self, code):
         """Server-sent events of one room until the client or the hub goes."""
+        self._authorize(code)
         code = self.hub.registry.room_json(code)["code"]
         self.close_connection = True  # an event stream ends its connection
         if self.command == "HEAD":
@@ -1644,6 +1915,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
     # -- routes: the OpenAI-compatible API --
 
     def route_models(self, code):
+        self._authorize(code)
         models = [{"id": p["id"], "object": "model", "created": p["joinedAt"] // 1000,
                    "owned_by": p["nickname"],
                    "gambiarra": {"nickname": p["nickname"], "model": p["model"],
@@ -1652,7 +1924,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(200, {"object": "list", "data": models})
 
     def _relay(self, code, api_path):
-        self.hub.registry.room_json(code)  # 404 before reading a body for nothing
+        self._authorize(code)  # 404 or 401 before reading a body for nothing
         self.hub.relay.forward(self, code.upper(), api_path, self.read_json_object())
 
     def route_chat_completions(self, code):
@@ -1730,7 +2002,8 @@ class Hub:
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT_S,
                  backend_timeout=DEFAULT_BACKEND_TIMEOUT_S,
                  health_interval=DEFAULT_HEALTH_INTERVAL_S, participant_timeout=None,
-                 forget_after=DEFAULT_FORGET_AFTER_S, sse_keepalive=SSE_KEEPALIVE_S,
+                 forget_after=DEFAULT_FORGET_AFTER_S, room_ttl=DEFAULT_ROOM_TTL_S,
+                 state_path=None, sse_keepalive=SSE_KEEPALIVE_S,
                  client_timeout=CLIENT_IDLE_TIMEOUT_S):
         self.host = host
         self.port = port
@@ -1744,7 +2017,8 @@ class Hub:
         self.forget_after = forget_after
         self.sse_keepalive = sse_keepalive
         self.client_timeout = client_timeout
-        self.registry = Registry(participant_timeout, forget_after)
+        self.registry = Registry(participant_timeout, forget_after, room_ttl)
+        self.state = StateFile(state_path, self.registry.rooms_state) if state_path else None
         self.bus = EventBus()
         self.relay = None
         self.watcher = None
@@ -1754,8 +2028,14 @@ class Hub:
         self._closed = False
 
     def start(self):
-        """Bind and serve. Raises OSError (e.g. EADDRINUSE) if the port is taken."""
+        """Load the saved rooms, bind and serve. Raises GambiarraError if the
+        state file is unusable, OSError (e.g. EADDRINUSE) if the port is taken."""
+        if self.state is not None:
+            self._restore_rooms()
         self.server = HubServer((self.host, self.port), self)
+        if self.state is not None:
+            self.state.start()
+            self.registry.on_rooms_changed = self.state.changed
         self.port = self.server.server_address[1]
         self.watcher = ClientWatcher()
         self.relay = Relay(self.registry, self.bus, self.watcher, self.connect_timeout,
@@ -1772,6 +2052,15 @@ class Hub:
         self._sweeper.start()
         log.debug("hub listening on %s", self.url)
         return self
+
+    def _restore_rooms(self):
+        saved = self.state.load()
+        try:
+            self.registry.restore_rooms(saved)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise self.state.unusable("a room is malformed: %r" % exc)
+        if saved:
+            log.info("%d room(s) restored from %s", len(saved), self.state.path)
 
     @property
     def url(self):
@@ -1806,6 +2095,8 @@ class Hub:
         self.relay.close()
         self.server.close_connections(timeout=5)
         self.watcher.close()
+        if self.state is not None:
+            self.state.close()
         for thread in self._threads + [self._sweeper]:
             thread.join(5)
 
@@ -1931,11 +2222,19 @@ def build_parser():
     serve.add_argument("--forget-after", type=positive_float, default=DEFAULT_FORGET_AFTER_S,
                        metavar="S", help="seconds offline before a participant is removed "
                                          "(default: %(default)s)")
+    serve.add_argument("--room-ttl", type=positive_float, default=DEFAULT_ROOM_TTL_S,
+                       metavar="S", help="seconds a room may stay without participants "
+                                         "(default: %(default)s, a day)")
+    serve.add_argument("--state", default=None, metavar="PATH",
+                       help="file that keeps the rooms across restarts (default: "
+                            "$XDG_STATE_HOME/gambiarra/hub-PORT.json; '' keeps none)")
     serve.set_defaults(func=cmd_serve)
 
     create = commands.add_parser("create", help="create a room",
                                  description="Create a room on a hub and print its code.")
     create.add_argument("name", nargs="?", default=None, help="room name")
+    create.add_argument("--password", default=None,
+                        help="protect the room: joining and using it will need this password")
     add_hub_argument(create)
     create.add_argument("--json", action="store_true", help="print the hub's answer as JSON")
     create.set_defaults(func=cmd_create)
@@ -1966,6 +2265,8 @@ def print_banner(hub):
               "  or with curl:  curl -X POST %s/rooms -H 'Content-Type: application/json' "
               "-d '{\"name\": \"My room\"}'" % urls[-1],
               "OpenAI clients:  base URL %s/rooms/CODE/v1" % urls[-1],
+              "Rooms are kept in %s" % hub.state.path if hub.state else
+              "Rooms are not kept across restarts (--state '')",
               "Press Ctrl-C to stop."]
     print("\n".join(lines), flush=True)
 
@@ -1977,7 +2278,9 @@ def cmd_serve(args):
     hub = Hub(args.host, args.port, max_body=args.max_body,
               connect_timeout=args.connect_timeout, backend_timeout=args.backend_timeout,
               health_interval=args.health_interval,
-              participant_timeout=args.participant_timeout, forget_after=args.forget_after)
+              participant_timeout=args.participant_timeout, forget_after=args.forget_after,
+              room_ttl=args.room_ttl,
+              state_path=default_state_path(args.port) if args.state is None else args.state)
     try:
         hub.start()
     except OSError as exc:
@@ -2031,7 +2334,10 @@ def hub_request(hub_url, method, path, body=None, timeout=10):
 
 def cmd_create(args):
     name = args.name or "%s's room" % (os.environ.get("USER") or "gambiarra")
-    answer = hub_request(args.hub, "POST", "/rooms", {"name": name})
+    body = {"name": name}
+    if args.password:
+        body["password"] = args.password
+    answer = hub_request(args.hub, "POST", "/rooms", body)
     room = answer["room"]
     if args.json:
         print(json.dumps(answer, indent=2))

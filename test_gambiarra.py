@@ -17,10 +17,12 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -227,6 +229,7 @@ class HubTestCase(unittest.TestCase):
         options = dict(connect_timeout=2, backend_timeout=5)
         options.update(self.hub_options)
         self.hub = gambiarra.Hub("127.0.0.1", 0, **options).start()
+        self.secrets = {}  # (room code, participant id) -> secret from join
         self.addCleanup(self.check_no_thread_leak)
         self.addCleanup(self.hub.close)
         self.port = self.hub.port
@@ -268,7 +271,11 @@ class HubTestCase(unittest.TestCase):
         body.update(extra)
         status, _, answer = self.request("POST", "/rooms/%s/join" % code, body)
         self.assertEqual(status, 201, answer)
+        self.secrets[code.upper(), pid] = answer["secret"]
         return answer
+
+    def secret_header(self, code, pid):
+        return {"X-Gambiarra-Secret": self.secrets[code.upper(), pid]}
 
     def chat(self, code, model, **extra):
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
@@ -401,7 +408,7 @@ class TestHttpApi(HubTestCase):
         self.assertRegex(room["code"], r"^[A-Z0-9]{6}$")
         status, _, listing = self.request("GET", "/rooms")
         self.assertEqual(status, 200)
-        self.assertEqual(listing["rooms"], [dict(room, participantCount=0)])
+        self.assertEqual(listing["rooms"], [dict(room, participantCount=0, protected=False)])
 
     def test_create_room_needs_a_name(self):
         for body in ({}, {"name": ""}):
@@ -472,12 +479,14 @@ class TestHttpApi(HubTestCase):
     def test_leave_and_heartbeat(self):
         code = self.create_room()
         self.join(code, self.backend())
-        status, _, answer = self.request("POST", "/rooms/%s/health" % code, {"id": "alice"})
+        status, _, answer = self.request("POST", "/rooms/%s/health" % code, {"id": "alice"},
+                                         headers=self.secret_header(code, "alice"))
         self.assertEqual((status, answer), (200, {"success": True}))
         status, _, answer = self.request("POST", "/rooms/%s/health" % code, {})
         self.assertEqual(status, 400)
         self.assertIn("id", answer["error"])
-        status, _, answer = self.request("DELETE", "/rooms/%s/leave/alice" % code)
+        status, _, answer = self.request("DELETE", "/rooms/%s/leave/alice" % code,
+                                         headers=self.secret_header(code, "alice"))
         self.assertEqual((status, answer), (200, {"success": True}))
         _, _, listing = self.request("GET", "/rooms/%s/participants" % code)
         self.assertEqual(listing["participants"], [])
@@ -924,6 +933,210 @@ class TestRouting(HubTestCase):
         self.assertLessEqual(dead["metrics"]["errors"], 1)  # then avoided
 
 
+# === Protected rooms and participant secrets ===
+
+PASSWORD = "sésame, ouvre-toi"  # non-ASCII on purpose: compared as UTF-8 bytes
+
+
+def bearer(password):
+    return {"Authorization": b"Bearer " + password.encode("utf-8")}
+
+
+class TestProtectedRooms(HubTestCase):
+    def setUp(self):
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.hub_options = {"state_path": os.path.join(self.folder, "hub.json")}
+        self.logs = CapturedLogs(self)  # before the hub starts: every line is kept
+        super().setUp()
+        status, _, answer = self.request("POST", "/rooms", {"name": "Lab", "password": PASSWORD})
+        self.assertEqual(status, 201)
+        self.code = answer["room"]["code"]
+        self.fake = self.backend()
+
+    def join_protected(self, pid="alice", **extra):
+        return self.join(self.code, self.fake, pid=pid, password=PASSWORD, **extra)
+
+    def test_listing_says_protected_and_nothing_more(self):
+        open_code = self.create_room("Open")
+        rooms = {r["code"]: r for r in self.request("GET", "/rooms")[2]["rooms"]}
+        self.assertIs(rooms[self.code]["protected"], True)
+        self.assertIs(rooms[open_code]["protected"], False)
+        self.assertEqual(set(rooms[self.code]), set(rooms[open_code]))
+
+    def test_join_needs_the_password(self):
+        body = {"id": "a", "nickname": "A", "model": "m", "endpoint": self.fake.url}
+        for password in (None, "wrong", PASSWORD.upper()):
+            status, _, answer = self.request("POST", "/rooms/%s/join" % self.code,
+                                             dict(body, password=password))
+            self.assertEqual((status, answer), (401, {"error": "Invalid password"}))
+        answer = self.join_protected()
+        self.assertGreaterEqual(len(answer["secret"]), 22)  # 128 bits or more, URL-safe
+
+    def test_room_routes_need_the_password_as_bearer(self):
+        self.join_protected()
+        paths = ("/rooms/%s/participants", "/rooms/%s/v1/models")
+        for path in paths:
+            for headers in ({}, bearer("wrong"), {"Authorization": "Basic eDp5"}):
+                status, response, answer = self.request("GET", path % self.code,
+                                                        headers=headers)
+                self.assertEqual(status, 401, (path, headers))
+                self.assertEqual(response.getheader("WWW-Authenticate"), "Bearer")
+            self.assertEqual(self.request("GET", path % self.code,
+                                          headers=bearer(PASSWORD))[0], 200)
+        status, _, answer = self.chat(self.code, "alice")
+        self.assertEqual(status, 401)
+        self.assertEqual(answer["error"]["type"], "authentication_error")
+        status, _, answer = self.request("POST", "/rooms/%s/v1/chat/completions" % self.code,
+                                         {"model": "alice"}, headers=bearer(PASSWORD))
+        self.assertEqual(status, 200)
+        status, _, _ = self.request("GET", "/rooms/%s/events" % self.code)
+        self.assertEqual(status, 401)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/rooms/%s/events" % self.code, headers=bearer(PASSWORD))
+        response = conn.getresponse()
+        self.addCleanup(response.close)
+        self.assertEqual(response.status, 200)
+
+    def test_health_and_leave_need_the_participants_own_secret(self):
+        self.join_protected("alice")
+        self.join_protected("bob")
+        health = "/rooms/%s/health" % self.code
+        for headers in ({}, {"X-Gambiarra-Secret": "guess"}, self.secret_header(self.code, "bob")):
+            self.assertEqual(self.request("POST", health, {"id": "alice"}, headers=headers)[0],
+                             401)
+            self.assertEqual(self.request("DELETE", "/rooms/%s/leave/alice" % self.code,
+                                          headers=headers)[0], 401)
+        secret = self.secrets[self.code, "alice"]
+        self.assertEqual(self.request("POST", health, {"id": "alice", "secret": secret})[0], 200)
+        self.assertEqual(self.request("POST", health, {"id": "alice"},
+                                      headers=self.secret_header(self.code, "alice"))[0], 200)
+        self.assertEqual(self.request("DELETE", "/rooms/%s/leave/alice" % self.code,
+                                      {"secret": secret})[0], 200)
+
+    def test_nobody_takes_over_a_participant_id(self):
+        self.join_protected("alice")
+        body = {"id": "alice", "nickname": "Mallory", "model": "m", "endpoint": self.fake.url,
+                "password": PASSWORD}
+        status, _, answer = self.request("POST", "/rooms/%s/join" % self.code, body)
+        self.assertEqual(status, 401)
+        self.assertIn("secret", answer["error"])
+        status, _, answer = self.request("POST", "/rooms/%s/join" % self.code,
+                                         dict(body, secret=self.secrets[self.code, "alice"]))
+        self.assertEqual(status, 201)  # the owner may re-join (a restart, a new model)
+
+    def test_password_never_leaves_the_hub(self):
+        seen = []
+        events = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(events.close)
+        events.request("GET", "/rooms/%s/events" % self.code, headers=bearer(PASSWORD))
+        stream = events.getresponse()
+        self.addCleanup(stream.close)
+        seen.append(stream.read1(65536))
+        seen.append(json.dumps(self.join_protected()))
+        for method, path in (("GET", "/rooms"), ("GET", "/rooms/%s/participants"),
+                             ("GET", "/rooms/%s/v1/models")):
+            seen.append(json.dumps(self.request(method, path.replace("%s", self.code),
+                                                headers=bearer(PASSWORD))[2]))
+        seen.append(json.dumps(self.chat(self.code, "alice")[2]))
+        self.hub.close()  # flushes the state file and ends the event stream
+        seen.append(stream.read())
+        with open(self.hub_options["state_path"], "rb") as f:
+            state = f.read()
+        self.assertIn(b"scrypt$", state)
+        seen.append(state)
+        seen.extend(self.logs.at(logging.DEBUG))
+        for text in seen:
+            text = text if isinstance(text, bytes) else text.encode("utf-8")
+            for form in (PASSWORD.encode("utf-8"), json.dumps(PASSWORD).encode("ascii"),
+                         b"ouvre-toi"):
+                self.assertNotIn(form, text)
+
+
+# === Rooms that survive a restart ===
+
+class TestStateFile(unittest.TestCase):
+    def setUp(self):
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.path = os.path.join(self.folder, "state", "hub-3000.json")
+
+    def hub(self, **options):
+        hub = gambiarra.Hub(state_path=self.path, **options)
+        self.addCleanup(hub.close)
+        return hub.start()
+
+    def call(self, hub, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=WAIT_S)
+        try:
+            conn.request(method, path, body=json.dumps(body).encode() if body else None,
+                         headers=headers or {})
+            response = conn.getresponse()
+            return response.status, json.loads(response.read() or b"null")
+        finally:
+            conn.close()
+
+    def test_a_restart_keeps_rooms_codes_and_passwords(self):
+        first = self.hub()
+        _, open_room = self.call(first, "POST", "/rooms", {"name": "Open"})
+        _, locked = self.call(first, "POST", "/rooms", {"name": "Locked", "password": PASSWORD})
+        before = self.call(first, "GET", "/rooms")[1]["rooms"]
+        first.close()
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.listdir(os.path.dirname(self.path)), ["hub-3000.json"])
+        second = self.hub()
+        self.assertEqual(self.call(second, "GET", "/rooms")[1]["rooms"], before)
+        code = locked["room"]["code"]
+        join = {"id": "a", "nickname": "A", "model": "m", "endpoint": "http://127.0.0.1:9"}
+        self.assertEqual(self.call(second, "POST", "/rooms/%s/join" % code,
+                                   dict(join, password="nope"))[0], 401)
+        self.assertEqual(self.call(second, "POST", "/rooms/%s/join" % code,
+                                   dict(join, password=PASSWORD))[0], 201)
+        self.assertEqual(self.call(second, "GET", "/rooms/%s/participants" % code,
+                                   headers=bearer(PASSWORD))[0], 200)
+        self.assertEqual(self.call(second, "GET", "/rooms/%s/participants"
+                                   % open_room["room"]["code"])[0], 200)
+
+    def test_a_change_is_saved_without_waiting_for_close(self):
+        hub = self.hub()
+        _, answer = self.call(hub, "POST", "/rooms", {"name": "Soon"})
+        self.assertTrue(wait_until(lambda: os.path.exists(self.path) and
+                                   answer["room"]["code"] in open(self.path).read()))
+
+    def test_an_unusable_state_file_stops_the_hub_and_is_left_alone(self):
+        os.makedirs(os.path.dirname(self.path))
+        for content in (b"{not json", b"[]", b'{"rooms": [{"code": "ABC"}]}', b"\xff\xfe"):
+            with open(self.path, "wb") as f:
+                f.write(content)
+            hub = gambiarra.Hub(state_path=self.path)
+            with self.assertRaises(gambiarra.GambiarraError) as caught:
+                hub.start()
+            message = str(caught.exception)
+            self.assertIn(self.path, message)
+            self.assertIn("--state ''", message)
+            with open(self.path, "rb") as f:
+                self.assertEqual(f.read(), content)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = gambiarra.main(["serve", "--host", "127.0.0.1", "--port", "0",
+                                     "--state", self.path])
+        self.assertEqual(status, 1)
+        self.assertEqual(len(err.getvalue().strip().splitlines()), 1, err.getvalue())
+
+    def test_empty_rooms_expire_after_the_room_ttl(self):
+        hub = self.hub(room_ttl=0.3, health_interval=0.05)
+        _, answer = self.call(hub, "POST", "/rooms", {"name": "Short-lived"})
+        code = answer["room"]["code"]
+        self.assertTrue(wait_until(lambda: self.call(hub, "GET", "/rooms")[1]["rooms"] == []))
+        self.assertTrue(wait_until(lambda: code not in open(self.path).read()))
+
+    def test_no_state_file_when_disabled(self):
+        with gambiarra.Hub(state_path=None) as hub:
+            self.call(hub, "POST", "/rooms", {"name": "Ephemeral"})
+        self.assertFalse(os.path.exists(self.path))
+
+
 # === Events and health sweeps ===
 
 class TestEvents(HubTestCase):
@@ -943,7 +1156,8 @@ class TestEvents(HubTestCase):
         name, data = self.events.next_event()
         self.assertEqual((name, data["id"], data["status"]), ("participant:joined", "alice",
                                                              "online"))
-        self.request("DELETE", "/rooms/%s/leave/alice" % self.code)
+        self.request("DELETE", "/rooms/%s/leave/alice" % self.code,
+                     headers=self.secret_header(self.code, "alice"))
         self.assertEqual(self.events.next_event(),
                          ("participant:left", {"participantId": "alice", "reason": "left"}))
 
@@ -1006,7 +1220,8 @@ class TestHealthSweeps(HubTestCase):
         self.assertEqual(status, 503)
         self.assertEqual(answer["error"]["code"], "participant_offline")
         self.assertEqual(self.chat(code, "*")[0], 404)
-        self.request("POST", "/rooms/%s/health" % code, {"id": "alice"})
+        self.request("POST", "/rooms/%s/health" % code, {"id": "alice"},
+                     headers=self.secret_header(code, "alice"))
         self.assertEqual(events.next_event(), ("participant:online", {"participantId": "alice"}))
         # Silent again: offline once (not at every sweep), then removed.
         self.assertEqual(events.next_event(), ("participant:offline", {"participantId": "alice"}))
@@ -1077,7 +1292,8 @@ class TestCli(unittest.TestCase):
             busy.bind(("127.0.0.1", 0))
             busy.listen(1)
             port = busy.getsockname()[1]
-            status, _, err = self.run_main("serve", "--host", "127.0.0.1", "--port", str(port))
+            status, _, err = self.run_main("serve", "--host", "127.0.0.1", "--port", str(port),
+                                           "--state", "")
         self.assertEqual(status, 1)
         self.assertEqual(len(err.strip().splitlines()), 1, err)
         self.assertIn("already in use", err)
@@ -1108,10 +1324,12 @@ class TestServeProcess(unittest.TestCase):
     """``serve`` as users run it: a process, stopped by a signal."""
 
     def start_serve(self):
+        self.state_home = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.state_home)
         process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "gambiarra.py"), "serve", "--host",
              "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            universal_newlines=True)
+            universal_newlines=True, env=dict(os.environ, XDG_STATE_HOME=self.state_home))
         self.addCleanup(process.kill)
         self.addCleanup(process.stdout.close)
         self.addCleanup(process.stderr.close)
@@ -1131,8 +1349,12 @@ class TestServeProcess(unittest.TestCase):
             self.assertIn("create", banner)
             with urllib_open(url + "/health") as response:
                 self.assertEqual(response.status, 200)
+            urllib.request.urlopen(urllib.request.Request(
+                url + "/rooms", data=b'{"name": "kept"}', method="POST"), timeout=WAIT_S).read()
             process.send_signal(sig)
             self.assertEqual(process.wait(WAIT_S), expected)
+            with open(os.path.join(self.state_home, "gambiarra", "hub-0.json")) as f:
+                self.assertIn("kept", f.read())  # the default state file
 
 
 # === Benchmark (python3 test_gambiarra.py bench) ===
@@ -1255,7 +1477,7 @@ def start_bench_hub(port, python_flags=()):
     """Start ``serve`` as a user would; return (process, seconds to first 200)."""
     started = time.monotonic()
     hub = subprocess.Popen([sys.executable] + list(python_flags) + [
-                            os.path.join(HERE, "gambiarra.py"), "serve",
+                            os.path.join(HERE, "gambiarra.py"), "serve", "--state", "",
                             "--host", "127.0.0.1", "--port", str(port), "--quiet",
                             "--health-interval", "3600"],
                            stdin=subprocess.DEVNULL)

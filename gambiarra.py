@@ -847,6 +847,12 @@ class EventBus:
         except queue.Full:
             subscriber.disconnect()
 
+    def end_room(self, code):
+        with self._lock:
+            subscribers = list(self._rooms.get(code, ()))
+        for subscriber in subscribers:
+            self.end(subscriber)
+
     def close(self, timeout=1.0):
         """End every stream and give their threads ``timeout`` to finish them."""
         with self._lock:
@@ -2077,9 +2083,14 @@ class Hub:
         """One health sweep: publish what changed (outside the registry lock)
         and close idle backend connections."""
         for code, event, data in self.registry.sweep():
-            log.info("participant %s in room %s: %s", data["participantId"], code,
-                     event.split(":")[1])
             self.bus.publish(code, event, data)
+            if event == "room:removed":
+                log.info("room %s removed after %g s without participants", code,
+                         self.registry.room_ttl_s)
+                self.bus.end_room(code)
+            else:
+                log.info("participant %s in room %s: %s", data["participantId"], code,
+                         event.split(":")[1])
         self.relay.pool.prune()
 
     def close(self):

@@ -1128,7 +1128,18 @@ class TestStateFile(unittest.TestCase):
         hub = self.hub(room_ttl=0.3, health_interval=0.05)
         _, answer = self.call(hub, "POST", "/rooms", {"name": "Short-lived"})
         code = answer["room"]["code"]
-        self.assertTrue(wait_until(lambda: self.call(hub, "GET", "/rooms")[1]["rooms"] == []))
+        _, busy = self.call(hub, "POST", "/rooms", {"name": "Has someone"})
+        self.assertEqual(self.call(hub, "POST", "/rooms/%s/join" % busy["room"]["code"], {
+            "id": "a", "nickname": "A", "model": "m", "endpoint": "http://127.0.0.1:9"})[0], 201)
+        events = EventStream(hub.port, code)
+        self.addCleanup(events.close)
+        events.next_event()  # connected
+        self.assertEqual(events.next_event(), ("room:removed", {"roomId": answer["room"]["id"],
+                                                                "code": code}))
+        with self.assertRaises(EOFError):
+            events.next_event()  # and the stream ends
+        rooms = self.call(hub, "GET", "/rooms")[1]["rooms"]
+        self.assertEqual([r["name"] for r in rooms], ["Has someone"])  # not empty: kept
         self.assertTrue(wait_until(lambda: code not in open(self.path).read()))
 
     def test_no_state_file_when_disabled(self):

@@ -1330,7 +1330,7 @@ class Relay:
             try:
                 conn.post(path, payload, BACKEND_HEADERS)
                 if exchange.aborted:
-                    raise ConnectionAbortedError("client went away")
+                    raise ConnectionAbortedError("aborted")
                 return conn.getresponse()
             except socket.timeout as exc:
                 connected = conn.sock is not None
@@ -1347,7 +1347,7 @@ class Relay:
             except (http.client.HTTPException, OSError) as exc:
                 conn.close()
                 if exchange.aborted:
-                    raise BackendFailure(499, "client went away", "client_gone")
+                    raise BackendFailure(503, *self._read_failure(exchange, exc))
                 if reused and attempt == 1:
                     continue  # the backend closed an idle connection; try a fresh one
                 raise BackendFailure(502, "Participant's server at %s:%s is unreachable (%s)" % (
@@ -1366,13 +1366,11 @@ class Relay:
         while True:
             try:
                 data = response.read1(RELAY_READ_BYTES)
-            except socket.timeout:
-                failure = ("Participant's server sent nothing for %g s" % self.backend_timeout,
-                           "backend_timeout")
-                break
             except (http.client.HTTPException, OSError, ValueError) as exc:
-                failure = ("Participant's server broke off the answer (%s)" % _describe(exc),
-                           "backend_disconnected")
+                failure = self._read_failure(exchange, exc)
+                break
+            if not data and exchange.aborted:  # a close-delimited answer cut by close()
+                failure = self._read_failure(exchange, None)
                 break
             if not data:
                 exchange.finish_backend()
@@ -1392,18 +1390,25 @@ class Relay:
         else:
             handler.end_chunked()
 
+    def _read_failure(self, exchange, exc):
+        """(message, code) for an answer that could not be read to its end."""
+        if exchange.aborted and not exchange.client_gone:
+            return "The hub is shutting down", "hub_closing"
+        if isinstance(exc, socket.timeout):
+            return ("Participant's server sent nothing for %g s" % self.backend_timeout,
+                    "backend_timeout")
+        return ("Participant's server broke off the answer (%s)" % _describe(exc),
+                "backend_disconnected")
+
     def _relay_whole(self, handler, exchange, response, content_type, stats):
         try:
             data = response.read()
-        except socket.timeout:
-            raise BackendFailure(504, "Participant's server sent nothing for %g s"
-                                 % self.backend_timeout, "backend_timeout")
         except (http.client.HTTPException, OSError) as exc:
             if exchange.client_gone:
                 handler.close_connection = True
                 return
-            raise BackendFailure(502, "Participant's server broke off the answer (%s)"
-                                 % _describe(exc), "backend_disconnected")
+            message, code = self._read_failure(exchange, exc)
+            raise BackendFailure(504 if code == "backend_timeout" else 502, message, code)
         exchange.finish_backend()
         self._done_with_backend(exchange)
         stats.saw(data, False)

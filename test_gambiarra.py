@@ -826,9 +826,17 @@ class TestRelay(HubTestCase):
             "model": "alice", "stream": True, "fake": {"chunks": 3, "stall_after": 1}})
         first = response.read1(65536)
         self.assertIn(b'"seq": 0', first)
+        waiting = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(waiting.close)
+        waiting.request("POST", self.chat_path, body=json.dumps(
+            {"model": "alice", "fake": {"stall_before": True}}).encode())
+        self.assertTrue(wait_until(lambda: len(self.fake.requests) == 2))
         self.hub.close()
         events = sse_events(first + response.read())
-        self.assertIn("error", json.loads(events[-1][1]))
+        self.assertEqual(json.loads(events[-1][1])["error"]["code"], "hub_closing")
+        answer = waiting.getresponse()
+        self.assertEqual(answer.status, 503)
+        self.assertEqual(json.loads(answer.read())["error"]["code"], "hub_closing")
 
     def test_tokens_are_counted_from_chunks_without_usage(self):
         events = EventStream(self.port, self.code)

@@ -91,6 +91,10 @@ POOL_IDLE_PER_BACKEND = 32
 #: Idle backend connections are closed after this long: below the 5 s
 #: keep-alive timeout of llama.cpp, Node and uvicorn servers.
 POOL_IDLE_S = 4.0
+#: How long a request waits for a busy participant's free slot before a 503.
+DEFAULT_QUEUE_TIMEOUT_S = 60.0
+#: Seconds a 503 for busy participants suggests waiting (Retry-After).
+RETRY_AFTER_S = 5
 #: A backend that refused a connection is picked last for this long.
 BACKEND_PENALTY_S = 30.0
 #: Unread request bodies up to this size are drained to keep the connection.
@@ -372,7 +376,7 @@ class Room:
     """A room: its identity (kept in the state file) and its participants."""
 
     __slots__ = ("id", "code", "name", "host_id", "created_at_ms", "password_hash",
-                 "empty_since_ms", "participants", "checked_passwords")
+                 "empty_since_ms", "participants", "checked_passwords", "waiting")
 
     def __init__(self, code, name, password_hash=None):
         self.id = secrets.token_urlsafe(15)
@@ -383,6 +387,7 @@ class Room:
         self.password_hash = password_hash
         self.participants = {}
         self.checked_passwords = {}  # keyed digest of a password -> it matched
+        self.waiting = collections.deque()  # Waiters for a free slot, oldest first
 
     def to_json(self):
         return {"id": self.id, "code": self.code, "name": self.name,
@@ -415,6 +420,18 @@ class Target:
         self.model = participant.model
         self.endpoint = participant.endpoint
         self.by_id = by_id
+
+
+class Waiter:
+    """A request queued until a participant that can serve it has a free slot."""
+
+    __slots__ = ("requested", "exclude", "ready", "target")
+
+    def __init__(self, requested, exclude):
+        self.requested = requested
+        self.exclude = exclude
+        self.ready = threading.Event()
+        self.target = None  # set, under the registry lock, with the slot it got
 
 
 def model_matches(requested, served):
@@ -535,6 +552,7 @@ class Registry:
                 participant.metrics = old.metrics  # a re-join keeps its history
                 participant.in_flight = old.in_flight
             room.participants[participant.id] = participant
+            self._serve_waiters(room)
             was_empty, room.empty_since_ms = room.empty_since_ms is not None, None
             joined = participant.to_json(), room.id, participant.secret
         if was_empty:
@@ -570,6 +588,8 @@ class Registry:
             participant.last_seen_ms = now_ms()
             came_back = not participant.online
             participant.offline_since = None
+            if came_back:
+                self._serve_waiters(self._room(code))
             return came_back
 
     def participants_json(self, code):
@@ -618,29 +638,59 @@ class Registry:
 
     # -- routing --
 
-    def acquire(self, code, requested, exclude=()):
+    def acquire(self, code, requested, exclude=(), wait_s=0.0):
         """Pick the participant for a request's ``model`` and count it in flight.
 
         ``requested`` is a participant id, "model:NAME", a bare model name, or
-        "*"/"any". Among several matches the online one with the fewest
-        requests in flight wins (ties at random); participants whose backend
-        recently refused a connection go last.
+        "*"/"any". Among the matches with a free slot (fewer requests in
+        flight than their maxConcurrent) the least busy wins, ties at random;
+        participants whose backend recently refused a connection go last.
+        When every match is full the request queues, first come first
+        served, for up to ``wait_s`` seconds: then 503 with Retry-After.
         """
+        waiter = Waiter(requested, exclude)
         with self._lock:
             room = self._room(code)
-            by_id = room.participants.get(requested)
-            if by_id is not None:
-                if not by_id.online:
-                    raise ApiError(503, "Participant '%s' is offline" % requested,
-                                   "participant_offline")
-                chosen = by_id
-            else:
-                chosen = self._least_busy(room, requested, exclude)
+            self._candidates(room, requested, exclude)  # 404 or 503 now, not after a wait
+            room.waiting.append(waiter)
+            self._serve_waiters(room)
+        if waiter.ready.wait(wait_s):
+            return waiter.target
+        with self._lock:
+            if waiter.target is not None:  # a slot came just as the wait ended
+                return waiter.target
+            room.waiting.remove(waiter)
+        raise ApiError(503, "Every participant that serves '%s' is busy (waited %g s); try "
+                            "again shortly" % (requested, wait_s), "participants_busy",
+                       headers=[("Retry-After", str(RETRY_AFTER_S))])
+
+    def _serve_waiters(self, room):
+        """Give free slots to queued requests, in arrival order (under the lock)."""
+        for waiter in list(room.waiting):
+            try:
+                candidates = self._candidates(room, waiter.requested, waiter.exclude)
+            except ApiError:
+                continue  # nobody serves it right now; it waits for its timeout
+            free = [p for p in candidates if p.in_flight < p.max_concurrent]
+            if not free:
+                continue
+            now = self.clock()
+            chosen = min(free, key=lambda p: (p.penalized_until > now, p.in_flight,
+                                              random.random()))
             chosen.in_flight += 1
             chosen.metrics.requests += 1
-            return Target(chosen, by_id is not None)
+            waiter.target = Target(chosen, chosen.id == waiter.requested)
+            room.waiting.remove(waiter)
+            waiter.ready.set()
 
-    def _least_busy(self, room, requested, exclude):
+    def _candidates(self, room, requested, exclude):
+        """The online participants a request may go to; 404/503 when none."""
+        by_id = room.participants.get(requested)
+        if by_id is not None:
+            if not by_id.online:
+                raise ApiError(503, "Participant '%s' is offline" % requested,
+                               "participant_offline")
+            return [by_id]
         name = requested[len("model:"):] if requested.startswith("model:") else requested
         wildcard = requested in ("*", "any")
         candidates = [p for p in room.participants.values()
@@ -654,20 +704,20 @@ class Registry:
             else:
                 message = "No participant is online in this room"
             raise ApiError(404, message, "model_not_found")
-        now = self.clock()
-        return min(candidates, key=lambda p: (p.penalized_until > now, p.in_flight,
-                                              random.random()))
+        return candidates
 
     def _present(self, code, participant_id):
         room = self._rooms.get(code.upper())
         return room.participants.get(participant_id) if room else None
 
     def release(self, code, participant_id):
-        """The participant's server is done with one request (if still present)."""
+        """The participant's server is done with one request (if still present):
+        its slot goes to the first queued request that can use it."""
         with self._lock:
             participant = self._present(code, participant_id)
             if participant:
                 participant.in_flight = max(0, participant.in_flight - 1)
+                self._serve_waiters(self._rooms[code.upper()])
 
     def record(self, code, participant_id, ttft_ms=None, tokens_per_second=None,
                failed=False, refused=False):
@@ -1172,12 +1222,14 @@ class Relay:
     OpenAI-style error event so SDKs raise instead of returning half an answer.
     """
 
-    def __init__(self, registry, bus, watcher, connect_timeout, backend_timeout):
+    def __init__(self, registry, bus, watcher, connect_timeout, backend_timeout,
+                 queue_timeout=DEFAULT_QUEUE_TIMEOUT_S):
         self.registry = registry
         self.bus = bus
         self.watcher = watcher
         self.connect_timeout = connect_timeout
         self.backend_timeout = backend_timeout
+        self.queue_timeout = queue_timeout
         self.pool = ConnectionPool(connect_timeout, backend_timeout)
         self._warned = {}  # (participant id, error code) -> last warning time
         self._lock = threading.Lock()  # guards _active and _warned
@@ -1208,7 +1260,8 @@ class Relay:
         failure = None
         while True:
             try:
-                target = self.registry.acquire(code, requested, exclude=tried)
+                target = self.registry.acquire(code, requested, exclude=tried,
+                                               wait_s=self.queue_timeout)
             except ApiError:
                 if failure is None:
                     raise
@@ -2014,7 +2067,8 @@ class Hub:
                  backend_timeout=DEFAULT_BACKEND_TIMEOUT_S,
                  health_interval=DEFAULT_HEALTH_INTERVAL_S, participant_timeout=None,
                  forget_after=DEFAULT_FORGET_AFTER_S, room_ttl=DEFAULT_ROOM_TTL_S,
-                 state_path=None, sse_keepalive=SSE_KEEPALIVE_S,
+                 state_path=None, queue_timeout=DEFAULT_QUEUE_TIMEOUT_S,
+                 sse_keepalive=SSE_KEEPALIVE_S,
                  client_timeout=CLIENT_IDLE_TIMEOUT_S):
         self.host = host
         self.port = port
@@ -2028,6 +2082,7 @@ class Hub:
         self.forget_after = forget_after
         self.sse_keepalive = sse_keepalive
         self.client_timeout = client_timeout
+        self.queue_timeout = queue_timeout
         self.registry = Registry(participant_timeout, forget_after, room_ttl)
         self.state = StateFile(state_path, self.registry.rooms_state) if state_path else None
         self.bus = EventBus()
@@ -2050,7 +2105,7 @@ class Hub:
         self.port = self.server.server_address[1]
         self.watcher = ClientWatcher()
         self.relay = Relay(self.registry, self.bus, self.watcher, self.connect_timeout,
-                           self.backend_timeout)
+                           self.backend_timeout, self.queue_timeout)
         serving = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
                                    name="http-accept", daemon=True)
         serving.start()
@@ -2238,6 +2293,9 @@ def build_parser():
     serve.add_argument("--forget-after", type=positive_float, default=DEFAULT_FORGET_AFTER_S,
                        metavar="S", help="seconds offline before a participant is removed "
                                          "(default: %(default)s)")
+    serve.add_argument("--queue-timeout", type=positive_float, default=DEFAULT_QUEUE_TIMEOUT_S,
+                       metavar="S", help="how long a request waits when every participant "
+                                         "that could serve it is busy (default: %(default)s)")
     serve.add_argument("--room-ttl", type=positive_float, default=DEFAULT_ROOM_TTL_S,
                        metavar="S", help="seconds a room may stay without participants "
                                          "(default: %(default)s, a day)")
@@ -2295,7 +2353,7 @@ def cmd_serve(args):
               connect_timeout=args.connect_timeout, backend_timeout=args.backend_timeout,
               health_interval=args.health_interval,
               participant_timeout=args.participant_timeout, forget_after=args.forget_after,
-              room_ttl=args.room_ttl,
+              room_ttl=args.room_ttl, queue_timeout=args.queue_timeout,
               state_path=default_state_path(args.port) if args.state is None else args.state)
     try:
         hub.start()

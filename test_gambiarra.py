@@ -9,6 +9,7 @@ OpenAI-compatible backend defined here), waits with bounded timeouts only and
 stops everything it started.
 """
 
+import collections
 import contextlib
 import http.client
 import http.server
@@ -845,6 +846,82 @@ class TestRelay(HubTestCase):
                                           "fake": {"chunks": 5}})[1].read()
         _, complete = events.next_event(skip=("connected", "llm:request"))
         self.assertEqual(complete["tokens"], 5)
+
+
+class TestBusyParticipants(HubTestCase):
+    """maxConcurrent is a promise: extra requests queue, first come first served."""
+
+    hub_options = {"queue_timeout": 5}
+
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.fake = self.backend()
+        self.path = "/rooms/%s/v1/chat/completions" % self.code
+
+    def send(self, model, tag, stall=True):
+        """Start a request without reading its answer; return its connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        body = {"model": model, "tag": tag}
+        if stall:
+            body["fake"] = {"stall_before": True}
+        conn.request("POST", self.path, body=json.dumps(body).encode())
+        return conn
+
+    def tags_seen(self):
+        with self.fake.lock:
+            return [body.get("tag") for _, body in self.fake.requests]
+
+    def test_a_full_participant_gets_no_more_and_queued_requests_go_in_order(self):
+        self.join(self.code, self.fake, maxConcurrent=1)
+        first = self.send("alice", 1)
+        self.assertTrue(wait_until(lambda: self.tags_seen() == [1]))
+        later = [self.send("fake-model", 2, stall=False), self.send("*", 3, stall=False)]
+        # Both wait in the hub: the backend still sees one request only.
+        self.assertTrue(wait_until(lambda: len(self.hub.registry._rooms[self.code].waiting)
+                                   == 2))
+        _, _, listing = self.request("GET", "/rooms/%s/participants" % self.code)
+        self.assertEqual((listing["participants"][0]["status"],
+                          listing["participants"][0]["inFlight"]), ("busy", 1))
+        self.assertEqual(self.tags_seen(), [1])
+        self.fake.release.set()
+        for conn in [first] + later:
+            self.assertEqual(conn.getresponse().status, 200)
+        self.assertEqual(self.tags_seen(), [1, 2, 3])
+
+    def test_a_new_participant_takes_queued_requests(self):
+        self.join(self.code, self.fake, maxConcurrent=1)
+        self.send("fake-model", 1)
+        self.assertTrue(wait_until(lambda: self.tags_seen() == [1]))
+        queued = self.send("fake-model", 2, stall=False)
+        self.assertTrue(wait_until(lambda: self.hub.registry._rooms[self.code].waiting))
+        other = self.backend()
+        self.join(self.code, other, pid="bob", maxConcurrent=1)
+        self.assertEqual(queued.getresponse().status, 200)
+        self.assertEqual(other.last_body()["tag"], 2)
+        self.fake.release.set()
+
+
+class TestQueueTimeout(HubTestCase):
+    hub_options = {"queue_timeout": 0.2}
+
+    def test_waiting_too_long_gives_503_with_retry_after(self):
+        code = self.create_room()
+        fake = self.backend()
+        self.join(code, fake, maxConcurrent=1)
+        busy = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(busy.close)
+        busy.request("POST", "/rooms/%s/v1/chat/completions" % code, body=json.dumps(
+            {"model": "alice", "fake": {"stall_before": True}}).encode())
+        self.assertTrue(wait_until(lambda: fake.requests))
+        status, response, answer = self.chat(code, "alice")
+        self.assertEqual(status, 503)
+        self.assertEqual(answer["error"]["code"], "participants_busy")
+        self.assertEqual(response.getheader("Retry-After"), "5")
+        self.assertEqual(self.hub.registry._rooms[code].waiting, collections.deque())
+        fake.release.set()
+        self.assertEqual(busy.getresponse().status, 200)
 
 
 class TestRelayTimeouts(HubTestCase):

@@ -648,10 +648,14 @@ class Registry:
         When every match is full the request queues, first come first
         served, for up to ``wait_s`` seconds: then 503 with Retry-After.
         """
-        waiter = Waiter(requested, exclude)
         with self._lock:
             room = self._room(code)
             self._candidates(room, requested, exclude)  # 404 or 503 now, not after a wait
+            if not room.waiting:  # nobody is ahead in the queue
+                target = self._assign(room, requested, exclude)
+                if target is not None:
+                    return target
+            waiter = Waiter(requested, exclude)
             room.waiting.append(waiter)
             self._serve_waiters(room)
         if waiter.ready.wait(wait_s):
@@ -668,20 +672,25 @@ class Registry:
         """Give free slots to queued requests, in arrival order (under the lock)."""
         for waiter in list(room.waiting):
             try:
-                candidates = self._candidates(room, waiter.requested, waiter.exclude)
+                waiter.target = self._assign(room, waiter.requested, waiter.exclude)
             except ApiError:
                 continue  # nobody serves it right now; it waits for its timeout
-            free = [p for p in candidates if p.in_flight < p.max_concurrent]
-            if not free:
-                continue
-            now = self.clock()
-            chosen = min(free, key=lambda p: (p.penalized_until > now, p.in_flight,
-                                              random.random()))
-            chosen.in_flight += 1
-            chosen.metrics.requests += 1
-            waiter.target = Target(chosen, chosen.id == waiter.requested)
-            room.waiting.remove(waiter)
-            waiter.ready.set()
+            if waiter.target is not None:
+                room.waiting.remove(waiter)
+                waiter.ready.set()
+
+    def _assign(self, room, requested, exclude):
+        """A slot on the least busy matching participant with one free, or None."""
+        free = [p for p in self._candidates(room, requested, exclude)
+                if p.in_flight < p.max_concurrent]
+        if not free:
+            return None
+        now = self.clock()
+        chosen = min(free, key=lambda p: (p.penalized_until > now, p.in_flight,
+                                          random.random()))
+        chosen.in_flight += 1
+        chosen.metrics.requests += 1
+        return Target(chosen, chosen.id == requested)
 
     def _candidates(self, room, requested, exclude):
         """The online participants a request may go to; 404/503 when none."""

@@ -178,6 +178,15 @@ def now_ms():
     return int(time.time() * 1000)
 
 
+_CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + list(range(127, 160))}
+
+
+def printable(text):
+    """``text`` with control characters escaped, for log lines: a name sent by a
+    client must not forge log lines or drive the terminal."""
+    return str(text).translate(_CONTROL_ESCAPES)
+
+
 def json_bytes(obj):
     """Compact JSON, ASCII-escaped so lone surrogates cannot break encoding."""
     return json.dumps(obj, separators=(",", ":")).encode("ascii")
@@ -319,6 +328,11 @@ class Participant:
     def online(self):
         return self.offline_since is None
 
+    def tunnel_key(self):
+        """Names this participant's work queue; a re-join (new secret) gets a
+        new one, so polls left over from before never take its work."""
+        return (self.id, self.secret)
+
     def status(self):
         if not self.online:
             return "offline"
@@ -413,12 +427,13 @@ class Room:
 class Target:
     """What the relay needs of a participant, copied out of the registry."""
 
-    __slots__ = ("id", "model", "endpoint", "by_id")
+    __slots__ = ("id", "model", "endpoint", "tunnel_key", "by_id")
 
     def __init__(self, participant, by_id):
         self.id = participant.id
         self.model = participant.model
         self.endpoint = participant.endpoint
+        self.tunnel_key = participant.tunnel_key() if participant.transport == "tunnel" else None
         self.by_id = by_id
 
 
@@ -1152,6 +1167,7 @@ class Exchange:
         self.participant_id = participant_id
         self.key = None
         self.conn = None
+        self.call = None  # the TunnelCall, for a tunnelled participant
         self.released = False
         self.backend_done = False
         self.client_gone = False
@@ -1164,11 +1180,22 @@ class Exchange:
             self.aborted = True
             self.client_gone = self.client_gone or client_gone
             sock = self.conn.sock if self.conn is not None else None
+            call = self.call
+        if call is not None:
+            call.cancel()
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def attach(self, call):
+        """Follow a TunnelCall: an abort, even one that came first, cancels it."""
+        with self._lock:
+            self.call = call
+            aborted = self.aborted
+        if aborted:
+            call.cancel()
 
     def finish_backend(self):
         """Mark the backend's answer as fully read, unless aborted first."""
@@ -1208,10 +1235,9 @@ class StreamStats:
         if self.first_byte_at is None:
             self.first_byte_at = time.monotonic()
         if streaming:
-            finals = data.count(b"data: [DONE]")
-            self.done = self.done or finals > 0
-            self.events += data.count(b"data:") - finals
+            self.events += data.count(b"data:") - data.count(b"data: [DONE]")
             self.tail = (self.tail + data)[-USAGE_TAIL_BYTES:]
+            self.done = self.done or b"data: [DONE]" in self.tail  # even if split across reads
         else:
             self.tail = data[-USAGE_TAIL_BYTES:]
 
@@ -1223,6 +1249,128 @@ class StreamStats:
         return self.events or None
 
 
+class TunnelCall:
+    """One request handed to a tunnelled participant, and its answer coming
+    back: the participant's upload thread puts pieces in ``pieces``, the
+    client's relay thread takes them out."""
+
+    def __init__(self, path, body):
+        self.id = secrets.token_hex(8)
+        self.path = path
+        self.body = body
+        # ("head", status, type, length), ("data", bytes), ("end",), ("error", message)
+        # when the participant could not reach its server, or ("cancelled",)
+        self.pieces = queue.Queue()
+        self.cancelled = threading.Event()  # the client left, or the hub closes
+
+    def job(self):
+        return {"requestId": self.id, "path": self.path, "body": self.body}
+
+    def cancel(self):
+        """Stop the upload and wake the relay thread waiting for pieces."""
+        self.cancelled.set()
+        self.pieces.put(("cancelled",))
+
+
+class TunnelBroker:
+    """Work queues of tunnelled participants: a participant's agent long-polls
+    for calls and uploads each answer on a connection of its own, so its LLM
+    server never has to be reachable from the hub. ``_lock`` guards the two
+    dicts; queues do their own locking."""
+
+    STOP = None  # put in a job queue to end the long polls at close()
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._jobs = {}  # (room code, participant id) -> queue of TunnelCalls
+        self._calls = {}  # call id -> TunnelCall awaiting its answer
+
+    def _queue(self, key):
+        with self._lock:
+            return self._jobs.setdefault(key, queue.Queue())
+
+    def submit(self, code, tunnel_key, path, body):
+        call = TunnelCall(path, body)
+        with self._lock:
+            self._calls[call.id] = call
+        self._queue((code, tunnel_key)).put(call)
+        return call
+
+    def finish(self, call):
+        with self._lock:
+            self._calls.pop(call.id, None)
+
+    def call(self, call_id):
+        with self._lock:
+            return self._calls.get(call_id)
+
+    def next_job(self, code, tunnel_key, wait_s):
+        """The next live call for this participant, or None after ``wait_s``."""
+        jobs = self._queue((code, tunnel_key))
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                call = jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if call is self.STOP:
+                jobs.put(call)  # for the participant's other pollers
+                return None
+            if not call.cancelled.is_set():
+                return call
+
+    def close(self):
+        with self._lock:
+            queues = list(self._jobs.values())
+            calls = list(self._calls.values())
+        for jobs in queues:
+            jobs.put(self.STOP)
+        for call in calls:
+            call.cancel()
+
+
+class TunnelResponse:
+    """The answer of a tunnelled participant, read like an http.client
+    response, so the relay streams it exactly as a direct one."""
+
+    def __init__(self, call, timeout):
+        self.call = call
+        self.timeout = timeout
+        kind, *head = self._next()
+        if kind == "error":
+            raise ConnectionRefusedError(errno.ECONNREFUSED, head[0])
+        if kind != "head":  # cancelled
+            raise http.client.IncompleteRead(b"")
+        self.status, self._type, self.length = head
+        self.chunked = self.length is None
+        self.will_close = False
+
+    def _next(self):
+        try:
+            return self.call.pieces.get(timeout=self.timeout)
+        except queue.Empty:
+            raise socket.timeout("the tunnel sent nothing")
+
+    def getheader(self, name, default=None):
+        return self._type or default if name.lower() == "content-type" else default
+
+    def read1(self, n=-1):
+        kind, *piece = self._next()
+        if kind == "data":
+            return piece[0]
+        if kind == "end":
+            return b""
+        raise http.client.IncompleteRead(b"")  # the upload broke off, or cancelled
+
+    def read(self):
+        parts = []
+        while True:
+            data = self.read1()
+            if not data:
+                return b"".join(parts)
+            parts.append(data)
+
+
 class Relay:
     """Forwards OpenAI requests to participants and their answers back.
 
@@ -1231,11 +1379,12 @@ class Relay:
     OpenAI-style error event so SDKs raise instead of returning half an answer.
     """
 
-    def __init__(self, registry, bus, watcher, connect_timeout, backend_timeout,
+    def __init__(self, registry, bus, watcher, tunnels, connect_timeout, backend_timeout,
                  queue_timeout=DEFAULT_QUEUE_TIMEOUT_S):
         self.registry = registry
         self.bus = bus
         self.watcher = watcher
+        self.tunnels = tunnels
         self.connect_timeout = connect_timeout
         self.backend_timeout = backend_timeout
         self.queue_timeout = queue_timeout
@@ -1288,7 +1437,7 @@ class Relay:
         started = time.monotonic()
         self.bus.publish(code, "llm:request", {"participantId": target.id,
                                                "model": body["model"], "requestId": request_id})
-        payload = json_bytes(dict(body, model=target.model))
+        forwarded = dict(body, model=target.model)
         stats = StreamStats()
         exchange = Exchange(code, target.id)
         with self._lock:
@@ -1296,7 +1445,7 @@ class Relay:
         watch = self.watcher.watch(handler.connection, exchange.abort)
         status = None
         try:
-            status = self._exchange(handler, exchange, target, api_path, payload, stats)
+            status = self._exchange(handler, exchange, target, api_path, forwarded, stats)
             failure = None
         except BackendFailure as exc:
             failure = exc
@@ -1325,8 +1474,9 @@ class Relay:
                 "error": "client went away before the answer finished"})
             return
         if failure is not None:
-            self.registry.record(code, target.id, failed=True, refused=failure.refused)
-            self._warn(target.id, failure)
+            if failure.code != "hub_closing":  # the hub stopping is nobody's fault
+                self.registry.record(code, target.id, failed=True, refused=failure.refused)
+                self._warn(target.id, failure)
             self.bus.publish(code, "llm:error", {"participantId": target.id,
                                                  "requestId": request_id, "model": model,
                                                  "error": failure.message})
@@ -1355,7 +1505,7 @@ class Relay:
             if now - self._warned.get(key, -WARN_EVERY_S) < WARN_EVERY_S:
                 return
             self._warned[key] = now
-        log.warning("participant %s: %s", participant_id, failure.message)
+        log.warning("participant %s: %s", printable(participant_id), printable(failure.message))
 
     def _done_with_backend(self, exchange):
         """Pool the exchange's connection (or close it) and free the
@@ -1368,6 +1518,8 @@ class Relay:
         if exchange.released:
             return
         exchange.released = True
+        if exchange.call is not None:
+            self.tunnels.finish(exchange.call)
         conn, exchange.conn = exchange.conn, None
         if conn is not None and exchange.backend_done and conn.sock is not None:
             self.pool.put(exchange.key, conn)  # (sock is None if the backend said close)
@@ -1375,13 +1527,33 @@ class Relay:
             conn.close()
         self.registry.release(exchange.code, exchange.participant_id)
 
-    def _exchange(self, handler, exchange, target, api_path, payload, stats):
-        parts = urllib.parse.urlsplit(target.endpoint)
-        exchange.key = (parts.scheme, parts.hostname,
-                        parts.port or (443 if parts.scheme == "https" else 80))
-        response = self._send(exchange.key, parts.path + api_path, payload, exchange)
+    def _exchange(self, handler, exchange, target, api_path, forwarded, stats):
+        if target.tunnel_key is not None:
+            response = self._call_tunnel(exchange, target, api_path, forwarded)
+        else:
+            parts = urllib.parse.urlsplit(target.endpoint)
+            exchange.key = (parts.scheme, parts.hostname,
+                            parts.port or (443 if parts.scheme == "https" else 80))
+            response = self._send(exchange.key, parts.path + api_path, json_bytes(forwarded),
+                                  exchange)
         self._relay_response(handler, exchange, response, stats)
         return response.status
+
+    def _call_tunnel(self, exchange, target, api_path, forwarded):
+        """Hand the request to a tunnelled participant; wait for its answer's head."""
+        call = self.tunnels.submit(exchange.code, target.tunnel_key, api_path, forwarded)
+        exchange.attach(call)
+        try:
+            return TunnelResponse(call, self.backend_timeout)
+        except socket.timeout as exc:
+            raise BackendFailure(504, "Participant's tunnel sent nothing for %g s"
+                                 % self.backend_timeout, "backend_timeout") from exc
+        except OSError as exc:  # the participant could not reach its own server
+            raise BackendFailure(502, "Participant's server is unreachable (%s)" % exc.strerror,
+                                 "backend_unreachable", before_answer=True) from exc
+        except http.client.HTTPException as exc:
+            raise BackendFailure(503 if exchange.aborted else 502,
+                                 *self._read_failure(exchange, exc)) from exc
 
     def _send(self, key, path, payload, exchange):
         """Send the request and read the answer's head, retrying a stale pooled
@@ -1506,6 +1678,7 @@ ROUTES = (
     ("GET", r"/rooms/(?P<code>[^/]+)/participants", "route_participants"),
     ("GET", r"/rooms/(?P<code>[^/]+)/events", "route_events"),
     ("GET", r"/rooms/(?P<code>[^/]+)/v1/models", "route_models"),
+    ("GET", r"/rooms/(?P<code>[^/]+)/v1/models/(?P<model_id>.+)", "route_model"),
     ("POST", r"/rooms/(?P<code>[^/]+)/v1/chat/completions", "route_chat_completions"),
     ("POST", r"/rooms/(?P<code>[^/]+)/v1/completions", "route_completions"),
     ("POST", r"/rooms/(?P<code>[^/]+)/v1/embeddings", "route_embeddings"),
@@ -1555,7 +1728,7 @@ def http_date():
     return _date_cache[1]
 
 
-_DECIMAL = re.compile(r"[0-9]{1,18}\Z")
+_DECIMAL = re.compile(r"[0-9]{1,4000}\Z")
 _HEX = re.compile(rb"[0-9a-fA-F]{1,15}\Z")
 
 
@@ -1649,7 +1822,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             pass
 
     def log_message(self, format, *args):  # noqa: A002 (stdlib signature)
-        log.debug("%s %s", self.address_string(), format % args)
+        log.debug("%s %s", self.address_string(), printable(format % args))
 
     def do_GET(self):
         self._dispatch()
@@ -1727,6 +1900,17 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
 
     # -- reading requests --
 
+    def _body_is_chunked(self):
+        """True for a chunked body; 501 for any other transfer coding."""
+        coding = self.headers.get("Transfer-Encoding")
+        if coding is None:
+            return False
+        if coding.strip().lower() != "chunked":
+            self.close_connection = True
+            raise ApiError(501, "Transfer-Encoding %r is not supported; send the body plain "
+                                "or chunked" % printable(coding), "unsupported_encoding")
+        return True
+
     def _content_length(self):
         raw = self.headers.get("Content-Length")
         if raw is None:
@@ -1748,7 +1932,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         A client that stalls or hangs up mid-body is gone: ClientGone."""
         self._body_read = True
         try:
-            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            if self._body_is_chunked():
                 return self._read_chunked_body()
             length = self._content_length() or 0
             data = self.rfile.read(length)
@@ -1818,7 +2002,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: close")
         self._head_sent = True
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s -> %d", self.requestline[:200], status)
+            log.debug("%s -> %d", printable(self.requestline[:200]), status)
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _write(self, data):
@@ -1899,7 +2083,8 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         name = require_string(body, "name")
         password = require_string(body, "password", MAX_NAME_CHARS, required=False)
         room = self.hub.registry.create_room(name, password and hash_password(password))
-        log.info("room %s created: %s%s", room["code"], name, " (protected)" if password else "")
+        log.info("room %s created: %s%s", room["code"], printable(name),
+                 " (protected)" if password else "")
         self.send_json(201, {"room": room, "hostId": room["hostId"]})
 
     def route_join(self, code):
@@ -1919,8 +2104,8 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         participant, room_id, secret = self.hub.registry.join(
             code, fields, self._participant_secret(body))
         code = code.upper()
-        log.info("%s joined room %s serving %s", participant["nickname"], code,
-                 participant["model"])
+        log.info("%s joined room %s serving %s", printable(participant["nickname"]), code,
+                 printable(participant["model"]))
         self.hub.bus.publish(code, "participant:joined", participant)
         self.send_json(201, {"participant": participant, "roomId": room_id, "secret": secret,
                              "healthInterval": int(self.hub.health_interval * 1000)})
@@ -1987,14 +2172,24 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
 
     # -- routes: the OpenAI-compatible API --
 
-    def route_models(self, code):
+    def _models(self, code):
         self._authorize(code)
-        models = [{"id": p["id"], "object": "model", "created": p["joinedAt"] // 1000,
-                   "owned_by": p["nickname"],
-                   "gambiarra": {"nickname": p["nickname"], "model": p["model"],
-                                 "endpoint": p["endpoint"]}}
-                  for p in self.hub.registry.online_participants_json(code)]
-        self.send_json(200, {"object": "list", "data": models})
+        return [{"id": p["id"], "object": "model", "created": p["joinedAt"] // 1000,
+                 "owned_by": p["nickname"],
+                 "gambiarra": {"nickname": p["nickname"], "model": p["model"],
+                               "endpoint": p["endpoint"]}}
+                for p in self.hub.registry.online_participants_json(code)]
+
+    def route_models(self, code):
+        self.send_json(200, {"object": "list", "data": self._models(code)})
+
+    def route_model(self, code, model_id):
+        """One model, as OpenAI's models.retrieve() asks for it."""
+        for model in self._models(code):
+            if model["id"] == model_id:
+                return self.send_json(200, model)
+        raise ApiError(404, "No online participant has the id '%s'" % model_id,
+                       "model_not_found")
 
     def _relay(self, code, api_path):
         self._authorize(code)  # 404 or 401 before reading a body for nothing
@@ -2113,8 +2308,9 @@ class Hub:
             self.registry.on_rooms_changed = self.state.changed
         self.port = self.server.server_address[1]
         self.watcher = ClientWatcher()
-        self.relay = Relay(self.registry, self.bus, self.watcher, self.connect_timeout,
-                           self.backend_timeout, self.queue_timeout)
+        self.tunnels = TunnelBroker()
+        self.relay = Relay(self.registry, self.bus, self.watcher, self.tunnels,
+                           self.connect_timeout, self.backend_timeout, self.queue_timeout)
         serving = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
                                    name="http-accept", daemon=True)
         serving.start()
@@ -2158,7 +2354,7 @@ class Hub:
                          self.registry.room_ttl_s)
                 self.bus.end_room(code)
             else:
-                log.info("participant %s in room %s: %s", data["participantId"], code,
+                log.info("participant %s in room %s: %s", printable(data["participantId"]), code,
                          event.split(":")[1])
         self.relay.pool.prune()
 
@@ -2172,6 +2368,7 @@ class Hub:
         self.server.shutdown()
         self.server.server_close()
         self.bus.close()
+        self.tunnels.close()
         self.relay.close()
         self.server.close_connections(timeout=5)
         self.watcher.close()

@@ -128,7 +128,12 @@ class FakeBackendHandler(http.server.BaseHTTPRequestHandler):
         if fake.get("usage"):
             usage = {"choices": [], "usage": {"completion_tokens": 42}}
             self.write_chunk(b"data: " + json.dumps(usage).encode() + b"\n\n")
-        self.write_chunk(b"data: [DONE]\n\n")
+        if fake.get("split_done"):
+            self.write_chunk(b"data: [DO")
+            time.sleep(fake["split_done"])
+            self.write_chunk(b"NE]\n\n")
+        else:
+            self.write_chunk(b"data: [DONE]\n\n")
         if fake.get("pause_after_done"):
             time.sleep(fake["pause_after_done"])
         self.write_chunk(b"")
@@ -507,6 +512,14 @@ class TestHttpApi(HubTestCase):
         self.assertEqual(model["gambiarra"], {"nickname": "Alice", "model": "fake-model",
                                               "endpoint": backend.url})
 
+    def test_one_model_can_be_retrieved(self):
+        code = self.create_room()
+        self.join(code, self.backend())
+        status, _, model = self.request("GET", "/rooms/%s/v1/models/alice" % code)
+        self.assertEqual((status, model["id"], model["object"]), (200, "alice", "model"))
+        status, _, answer = self.request("GET", "/rooms/%s/v1/models/nobody" % code)
+        self.assertEqual((status, answer["error"]["code"]), (404, "model_not_found"))
+
     def test_cors_preflight(self):
         status, response, _ = self.request("OPTIONS", "/rooms/ANY/v1/chat/completions")
         self.assertEqual(status, 204)
@@ -624,6 +637,23 @@ class TestClientFaults(HubTestCase):
         self.raw(head, linger_reset=True)
         self.assertEqual(self.request("GET", "/health")[0], 200)
         self.assertEqual(logs.at(logging.ERROR), [])
+
+    def test_names_cannot_forge_log_lines(self):
+        logs = CapturedLogs(self, logging.INFO)
+        status, _, answer = self.request("POST", "/rooms", {
+            "name": "evil\n17:00:00 ERROR forged\x1b[31m"})
+        self.assertEqual(status, 201)
+        lines = [line for message in logs.at(logging.INFO) for line in message.splitlines()]
+        self.assertFalse([line for line in lines if line.startswith("17:00:00")], lines)
+        self.assertFalse([line for line in lines if "\x1b" in line])
+
+    def test_only_chunked_transfer_coding_and_huge_lengths(self):
+        answer = self.raw(b"POST /rooms HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked"
+                          b"\r\n\r\n0\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 501 "), answer[:40])
+        answer = self.raw(b"POST /rooms HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                          b"12345678901234567890123\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:40])
 
     def test_numbers_in_framing_are_strict(self):
         for header in (b"Content-Length: 1_3", b"Content-Length: +13", b"Content-Length: 13\r\n"
@@ -800,15 +830,18 @@ class TestRelay(HubTestCase):
         self.assertIsNotNone(metrics["ttftMedianMs"])
 
     def test_client_closing_right_after_done_is_a_complete_answer(self):
+        for fake in ({"pause_after_done": 0.5}, {"split_done": 0.05, "pause_after_done": 0.5}):
+            self.closing_after_done_is_complete(fake)
+
+    def closing_after_done_is_complete(self, fake):
         events = EventStream(self.port, self.code)
         self.addCleanup(events.close)
         with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
-            body = json.dumps({"model": "alice", "stream": True,
-                               "fake": {"pause_after_done": 0.5}}).encode()
+            body = json.dumps({"model": "alice", "stream": True, "fake": fake}).encode()
             sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
                 self.chat_path.encode(), len(body), body))
             data = b""
-            while b"[DONE]" not in data:
+            while b"NE]\n\n" not in data:  # the end of "data: [DONE]", maybe in two chunks
                 data += sock.recv(65536)
         _, complete = events.next_event(skip=("connected", "llm:request"))
         self.assertEqual(complete["status"], 200)  # llm:complete, not llm:error
@@ -832,7 +865,9 @@ class TestRelay(HubTestCase):
         waiting.request("POST", self.chat_path, body=json.dumps(
             {"model": "alice", "fake": {"stall_before": True}}).encode())
         self.assertTrue(wait_until(lambda: len(self.fake.requests) == 2))
+        logs = CapturedLogs(self, logging.WARNING)
         self.hub.close()
+        self.assertEqual(logs.at(logging.WARNING), [])  # nobody's fault
         events = sse_events(first + response.read())
         self.assertEqual(json.loads(events[-1][1])["error"]["code"], "hub_closing")
         answer = waiting.getresponse()

@@ -91,6 +91,9 @@ POOL_IDLE_PER_BACKEND = 32
 #: Idle backend connections are closed after this long: below the 5 s
 #: keep-alive timeout of llama.cpp, Node and uvicorn servers.
 POOL_IDLE_S = 4.0
+#: A tunnelled participant's long poll lasts this long by default, at most the max.
+TUNNEL_POLL_S = 25.0
+TUNNEL_POLL_MAX_S = 60.0
 #: How long a request waits for a busy participant's free slot before a 503.
 DEFAULT_QUEUE_TIMEOUT_S = 60.0
 #: Seconds a 503 for busy participants suggests waiting (Retry-After).
@@ -583,6 +586,21 @@ class Registry:
             raise ApiError(401, "Missing or wrong participant secret (send the secret that "
                                 "join answered as X-Gambiarra-Secret)", "invalid_secret")
         return participant
+
+    def check_secret(self, code, participant_id, offered_secret):
+        with self._lock:
+            self._own_participant(code, participant_id, offered_secret)
+
+    def tunnel_key(self, code, participant_id):
+        """The work queue name of a tunnelled participant (409 if it is direct)."""
+        with self._lock:
+            participant = self._present(code, participant_id)
+            if participant is None:
+                raise ApiError(404, "Participant not found", "participant_not_found")
+            if participant.transport != "tunnel":
+                raise ApiError(409, "Participant joined with transport 'direct': the hub calls "
+                                    "its endpoint itself", "not_tunnelled")
+            return participant.tunnel_key()
 
     def leave(self, code, participant_id, offered_secret):
         with self._lock:
@@ -1677,6 +1695,9 @@ ROUTES = (
     ("POST", r"/rooms/(?P<code>[^/]+)/health", "route_heartbeat"),
     ("GET", r"/rooms/(?P<code>[^/]+)/participants", "route_participants"),
     ("GET", r"/rooms/(?P<code>[^/]+)/events", "route_events"),
+    ("GET", r"/rooms/(?P<code>[^/]+)/tunnel/(?P<participant_id>[^/]+)", "route_tunnel_poll"),
+    ("POST", r"/rooms/(?P<code>[^/]+)/tunnel/(?P<participant_id>[^/]+)/(?P<call_id>[^/]+)",
+     "route_tunnel_answer"),
     ("GET", r"/rooms/(?P<code>[^/]+)/v1/models", "route_models"),
     ("GET", r"/rooms/(?P<code>[^/]+)/v1/models/(?P<model_id>.+)", "route_model"),
     ("POST", r"/rooms/(?P<code>[^/]+)/v1/chat/completions", "route_chat_completions"),
@@ -1927,44 +1948,54 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         return length
 
     def read_body(self):
-        """The whole request body (Content-Length or chunked), within --max-body.
+        """The whole request body (Content-Length or chunked), within --max-body."""
+        return b"".join(self._body_pieces())
+
+    def _body_pieces(self):
+        """The request body piece by piece as it arrives, within --max-body.
 
         A client that stalls or hangs up mid-body is gone: ClientGone."""
         self._body_read = True
+        chunked = self._body_is_chunked()
+        left = None if chunked else self._content_length() or 0
+        total = 0
         try:
-            if self._body_is_chunked():
-                return self._read_chunked_body()
-            length = self._content_length() or 0
-            data = self.rfile.read(length)
+            while left != 0:
+                size = self._next_chunk_size() if chunked else left
+                total += size
+                if total > self.hub.max_body:
+                    self.close_connection = self._linger = True
+                    raise ApiError(413, "Request body is larger than the hub's limit of %d "
+                                        "bytes" % self.hub.max_body, "request_too_large")
+                if size == 0:
+                    return
+                data = self.rfile.read(size) if chunked else self.rfile.read1(
+                    min(size, RELAY_READ_BYTES))
+                if not data or (chunked and len(data) < size):
+                    raise ClientGone()
+                if chunked:
+                    self.rfile.readline(3)
+                else:
+                    left -= len(data)
+                yield data
         except OSError:  # timeout or reset
             self.close_connection = True
             raise ClientGone()
-        if len(data) < length:
-            raise ClientGone()
-        return data
 
-    def _read_chunked_body(self):
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(1024)
-            if not line:
-                raise ClientGone()
-            try:
-                size = parse_hex(line.split(b";", 1)[0].strip())
-            except ValueError:
-                self.close_connection = True
-                raise ApiError(400, "Malformed chunked request body", "invalid_request")
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(parts)
-            total += size
-            if total > self.hub.max_body:
-                self.close_connection = self._linger = True
-                raise ApiError(413, "Request body is larger than the hub's limit of %d bytes"
-                               % self.hub.max_body, "request_too_large")
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(3)
+    def _next_chunk_size(self):
+        """Read a chunk-size line (and the trailers after the last chunk)."""
+        line = self.rfile.readline(1024)
+        if not line:
+            raise ClientGone()
+        try:
+            size = parse_hex(line.split(b";", 1)[0].strip())
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, "Malformed chunked request body", "invalid_request")
+        if size == 0:
+            while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+        return size
 
     def read_json_object(self):
         data = self.read_body()
@@ -2098,7 +2129,11 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             "config": optional_object(body, "config"),
             "maxConcurrent": optional_positive_int(body, "maxConcurrent",
                                                    DEFAULT_MAX_CONCURRENT),
+            "transport": require_string(body, "transport", required=False) or "direct",
         }
+        if fields["transport"] not in ("direct", "tunnel"):
+            raise ApiError(400, "Field 'transport' must be \"direct\" or \"tunnel\"",
+                           "invalid_field")
         password = require_string(body, "password", required=False) or ""
         self.hub.registry.authorize(code, password.encode("utf-8"))
         participant, room_id, secret = self.hub.registry.join(
@@ -2169,6 +2204,67 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         finally:
             self.hub.watcher.unwatch(watch)
             self.hub.bus.unsubscribe(subscriber)
+
+    # -- routes: the tunnel of participants whose server the hub cannot reach --
+
+    def route_tunnel_poll(self, code, participant_id):
+        """A tunnelled participant's long poll: its next request as JSON
+        {requestId, path, body}, or 204 after ``?wait=`` seconds. A poll is
+        also a heartbeat."""
+        query = urllib.parse.parse_qs(self.path.partition("?")[2])
+        try:
+            wait_s = min(max(float(query.get("wait", [TUNNEL_POLL_S])[0]), 0.0),
+                         TUNNEL_POLL_MAX_S)
+        except ValueError:
+            raise ApiError(400, "Query parameter 'wait' must be a number of seconds",
+                           "invalid_field")
+        secret = self._participant_secret({})
+        if self.hub.registry.heartbeat(code, participant_id, secret):
+            self.hub.bus.publish(code.upper(), "participant:online",
+                                 {"participantId": participant_id})
+        key = self.hub.registry.tunnel_key(code, participant_id)
+        call = self.hub.tunnels.next_job(code.upper(), key, wait_s)
+        if call is None:
+            self.send_body(204, None, b"")
+            return
+        try:
+            self.send_json(200, call.job())
+        except ClientGone:
+            call.pieces.put(("error", "the participant's tunnel went away"))
+            raise
+
+    def route_tunnel_answer(self, code, participant_id, call_id):
+        """The answer to a tunnelled request, uploaded as it comes (chunked):
+        X-Gambiarra-Status and Content-Type of the participant's server, then
+        its body; or X-Gambiarra-Error when the server could not be reached."""
+        self.hub.registry.check_secret(code, participant_id, self._participant_secret({}))
+        call = self.hub.tunnels.call(call_id)
+        if call is None:
+            raise ApiError(404, "No request %s is waiting for an answer" % call_id,
+                           "unknown_request")
+        error = self.headers.get("X-Gambiarra-Error")
+        if error is not None:
+            call.pieces.put(("error", printable(error)[:500]))
+            self.send_json(200, {"success": True})
+            return
+        try:
+            status = int(self.headers.get("X-Gambiarra-Status", "200"))
+        except ValueError:
+            raise ApiError(400, "X-Gambiarra-Status must be an HTTP status", "invalid_field")
+        length = None if self._body_is_chunked() else self._content_length() or 0
+        call.pieces.put(("head", status, self.headers.get("Content-Type"), length))
+        try:
+            for data in self._body_pieces():
+                if call.cancelled.is_set():
+                    self.close_connection = True
+                    raise ApiError(410, "The client went away; stop this answer",
+                                   "client_gone")
+                call.pieces.put(("data", data))
+        except ClientGone:
+            call.pieces.put(("error", "the participant's upload broke off"))
+            raise
+        call.pieces.put(("end",))
+        self.send_json(200, {"success": True})
 
     # -- routes: the OpenAI-compatible API --
 

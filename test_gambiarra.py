@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 import urllib.request
 
 import gambiarra
@@ -1051,6 +1052,160 @@ class TestRouting(HubTestCase):
         _, _, listing = self.request("GET", "/rooms/%s/participants" % self.code)
         dead = [p for p in listing["participants"] if p["id"] == "dead"][0]
         self.assertLessEqual(dead["metrics"]["errors"], 1)  # then avoided
+
+
+# === The tunnel ===
+
+class FakeAgent:
+    """A minimal tunnel agent: long-polls the hub for requests, calls the local
+    backend and uploads each answer as it comes, chunk by chunk."""
+
+    def __init__(self, port, code, pid, secret, backend_url, workers=2):
+        self.port, self.code, self.pid, self.secret = port, code, pid, secret
+        self.backend = urllib.parse.urlsplit(backend_url)
+        self.stop = threading.Event()
+        self.answers = []  # status of each upload
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(workers)]
+        for thread in self.threads:
+            thread.start()
+
+    def close(self):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(WAIT_S)
+
+    def hub(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+
+    def run(self):
+        while not self.stop.is_set():
+            conn = self.hub()
+            try:
+                conn.request("GET", "/rooms/%s/tunnel/%s?wait=0.2" % (self.code, self.pid),
+                             headers={"X-Gambiarra-Secret": self.secret})
+                response = conn.getresponse()
+                job = json.loads(response.read()) if response.status == 200 else None
+            except OSError:
+                job = None
+            finally:
+                conn.close()
+            if job:
+                self.serve(job)
+
+    def serve(self, job):
+        local = http.client.HTTPConnection(self.backend.hostname, self.backend.port,
+                                           timeout=WAIT_S)
+        upload = self.hub()
+        try:
+            try:
+                local.request("POST", job["path"], body=json.dumps(job["body"]).encode(),
+                              headers={"Content-Type": "application/json"})
+                answer = local.getresponse()
+            except OSError as exc:  # tell the hub at once: it may fail over
+                upload.request("POST", "/rooms/%s/tunnel/%s/%s" % (
+                    self.code, self.pid, job["requestId"]), body=b"", headers={
+                    "X-Gambiarra-Secret": self.secret, "X-Gambiarra-Error": str(exc)})
+                self.answers.append(upload.getresponse().status)
+                return
+
+            def pieces():
+                while True:
+                    data = answer.read1(65536)
+                    if not data:
+                        return
+                    yield data
+            upload.request("POST", "/rooms/%s/tunnel/%s/%s" % (self.code, self.pid,
+                                                               job["requestId"]),
+                           body=pieces(), encode_chunked=True, headers={
+                               "X-Gambiarra-Secret": self.secret,
+                               "X-Gambiarra-Status": str(answer.status),
+                               "Content-Type": answer.getheader("Content-Type"),
+                               "Transfer-Encoding": "chunked"})
+            self.answers.append(upload.getresponse().status)
+        except OSError:
+            self.answers.append("broken")
+        finally:
+            local.close()  # on a 410 too: the local server stops generating
+            upload.close()
+
+
+class TestTunnel(HubTestCase):
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.fake = self.backend()
+        # The endpoint registered is one the hub could never reach itself.
+        answer = self.join(self.code, self.fake, transport="tunnel",
+                           endpoint="http://127.0.0.1:%d" % free_port())
+        self.assertEqual(answer["participant"]["transport"], "tunnel")
+        self.path = "/rooms/%s/v1/chat/completions" % self.code
+
+    def agent(self):
+        agent = FakeAgent(self.port, self.code, "alice", self.secrets[self.code, "alice"],
+                          self.fake.url)
+        self.addCleanup(agent.close)
+        return agent
+
+    def test_answers_come_through_the_tunnel(self):
+        self.agent()
+        status, _, answer = self.chat(self.code, "alice", temperature=0.3)
+        self.assertEqual(status, 200)
+        self.assertEqual(answer["choices"][0]["message"]["content"], "tok0 tok1 tok2 ")
+        self.assertEqual(self.fake.last_body()["model"], "fake-model")
+        self.assertEqual(self.fake.last_body()["temperature"], 0.3)
+        status, _, answer = self.request("POST", "/rooms/%s/v1/embeddings" % self.code,
+                                         {"model": "alice", "input": "x"})
+        self.assertEqual((status, answer["data"][0]["embedding"]), (200, [0.1, 0.2, 0.3]))
+
+    def test_a_stream_comes_through_event_by_event(self):
+        self.agent()
+        conn, response = self.open_stream(self.path, {
+            "model": "alice", "stream": True, "fake": {"chunks": 3, "stall_after": 1}})
+        self.assertEqual(response.status, 200)
+        first = response.read1(65536)
+        self.assertIn(b'"seq": 0', first)  # before the backend sends the rest
+        self.fake.release.set()
+        events = sse_events(first + response.read())
+        self.assertEqual([json.loads(d)["seq"] for _, d in events[:-1]], [0, 1, 2])
+        self.assertEqual(events[-1][1], "[DONE]")
+
+    def test_a_client_leaving_stops_the_upload_and_the_local_server(self):
+        agent = self.agent()
+        conn, response = self.open_stream(self.path, {
+            "model": "alice", "stream": True, "fake": {"chunks": 3, "stall_after": 1}})
+        response.read1(65536)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        response.close()
+        conn.close()
+        self.assertTrue(wait_until(lambda: self.hub.registry.participants_json(self.code)[0]
+                                   ["inFlight"] == 0))
+        self.fake.release.set()
+        self.assertTrue(wait_until(lambda: agent.answers))
+        self.assertIn(agent.answers[0], (410, "broken"))
+
+    def test_an_unreachable_local_server_is_a_502(self):
+        self.agent()
+        self.fake.close()  # the agent's local server is gone
+        status, _, answer = self.chat(self.code, "alice")
+        self.assertEqual((status, answer["error"]["code"]), (502, "backend_unreachable"))
+
+    def test_no_agent_means_a_timeout(self):
+        self.hub.relay.backend_timeout = 0.3
+        status, _, answer = self.chat(self.code, "alice")
+        self.assertEqual((status, answer["error"]["code"]), (504, "backend_timeout"))
+
+    def test_polls_need_the_secret_and_a_tunnelled_participant(self):
+        path = "/rooms/%s/tunnel/alice?wait=0" % self.code
+        self.assertEqual(self.request("GET", path)[0], 401)
+        self.assertEqual(self.request("GET", path, headers=self.secret_header(
+            self.code, "alice"))[0], 204)
+        self.join(self.code, self.fake, pid="bob")
+        status, _, _ = self.request("GET", "/rooms/%s/tunnel/bob?wait=0" % self.code,
+                                    headers=self.secret_header(self.code, "bob"))
+        self.assertEqual(status, 409)
+        self.assertEqual(self.request("POST", "/rooms/%s/tunnel/alice/nope" % self.code,
+                                      {}, headers=self.secret_header(self.code, "alice"))[0],
+                         404)
 
 
 # === Protected rooms and participant secrets ===

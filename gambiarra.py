@@ -2044,7 +2044,8 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             raise ClientGone()
 
     def send_body(self, status, content_type, body, headers=()):
-        head = [("Content-Length", str(len(body)))]
+        # RFC 9110 section 8.6: no Content-Length on a 204.
+        head = [] if status == 204 else [("Content-Length", str(len(body)))]
         if content_type:
             head.append(("Content-Type", content_type))
         head.extend(headers)

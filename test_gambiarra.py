@@ -524,6 +524,7 @@ class TestHttpApi(HubTestCase):
     def test_cors_preflight(self):
         status, response, _ = self.request("OPTIONS", "/rooms/ANY/v1/chat/completions")
         self.assertEqual(status, 204)
+        self.assertIsNone(response.getheader("Content-Length"))  # RFC 9110 section 8.6
         self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "*")
         allowed = response.getheader("Access-Control-Allow-Headers")
         for header in ("Content-Type", "Authorization", "X-Gambiarra-Secret"):

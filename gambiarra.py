@@ -1814,10 +1814,6 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self.hub = self.server.hub
         self.timeout = self.hub.client_timeout  # applied to the socket by setup()
         super().setup()
-        self._body_read = True
-        self._head_sent = False
-        self._chunked = False
-        self._openai = False
         self._linger = False
 
     def finish(self):
@@ -1853,7 +1849,6 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self):
         self._body_read = not (self.headers.get("Content-Length") not in (None, "0")
                                or self.headers.get("Transfer-Encoding"))
-        self._head_sent = False
         path = self.path.split("?", 1)[0]
         self._openai = OPENAI_PATH.match(path) is not None
         try:
@@ -1879,6 +1874,8 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self.command = None
         self.request_version = "HTTP/0.9"
         self.close_connection = True
+        self._head_sent = self._chunked = self._openai = False  # per request, on a kept
+        self._body_read = True                                  # alive connection
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
         version = _REQUEST_VERSION.match(words[-1]) if len(words) == 3 else None

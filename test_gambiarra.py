@@ -631,6 +631,11 @@ class TestClientFaults(HubTestCase):
         self.assertEqual(logs.at(logging.ERROR), [])
         self.assertEqual(self.request("GET", "/health")[0], 200)
 
+    def test_garbage_after_a_good_request_on_a_kept_alive_connection(self):
+        answer = self.raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n")
+        self.assertIn(b"HTTP/1.1 200 ", answer)
+        self.assertIn(b"HTTP/1.1 400 ", answer)  # answered, not dropped
+
     def test_client_stalling_or_resetting_mid_body_is_not_a_hub_error(self):
         logs = CapturedLogs(self)
         head = (b"POST /rooms HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -1815,6 +1815,8 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self.timeout = self.hub.client_timeout  # applied to the socket by setup()
         super().setup()
         self._linger = False
+        self._head_sent = self._chunked = self._openai = False  # a 414 comes before
+        self._body_read = True                                  # parse_request()
 
     def finish(self):
         if self._linger:

@@ -2219,6 +2219,10 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(400, "Query parameter 'wait' must be a number of seconds",
                            "invalid_field")
         secret = self._participant_secret({})
+        if self.command == "HEAD":  # a HEAD must not take work it cannot deliver
+            self.hub.registry.check_secret(code, participant_id, secret)
+            self.send_body(204, None, b"")
+            return
         if self.hub.registry.heartbeat(code, participant_id, secret):
             self.hub.bus.publish(code.upper(), "participant:online",
                                  {"participantId": participant_id})

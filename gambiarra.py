@@ -1540,6 +1540,8 @@ class Relay:
         exchange.released = True
         if exchange.call is not None:
             self.tunnels.finish(exchange.call)
+            if not exchange.backend_done:  # the client left mid-answer: 410 the upload
+                exchange.call.cancel()
         conn, exchange.conn = exchange.conn, None
         if conn is not None and exchange.backend_done and conn.sock is not None:
             self.pool.put(exchange.key, conn)  # (sock is None if the backend said close)

@@ -2853,7 +2853,7 @@ class Agent:
         then leave the room. Idempotent."""
         if self._stopping.is_set():
             return
-        self._stopping.set()
+        self._stopping.set()  # before _abort takes the lock: see _register_poll
         self._abort(self._polls)
         if not self._drained(self.drain_s):
             log.warning("requests still running after %g s; cutting them off", self.drain_s)
@@ -3035,9 +3035,9 @@ class Agent:
         """One long poll: (job or None, whether the hub answered as expected)."""
         secret, generation = self._credentials()
         conn = self.hub.connection(self.poll_wait_s + HUB_CALL_TIMEOUT_S)
-        with self._lock:
-            self._polls.add(conn)
         try:
+            if not self._register_poll(conn):
+                return None, True
             conn.request("GET", self.hub.path("/rooms/%s/tunnel/%s?wait=%g" % (
                 self.code, quote_segment(self.id), self.poll_wait_s)),
                 headers={"X-Gambiarra-Secret": secret or ""})
@@ -3052,6 +3052,17 @@ class Agent:
                 self._polls.discard(conn)
             conn.close()
         return self._poll_answer(status, answer, generation)
+
+    def _register_poll(self, conn):
+        """Connect, and list the connection for stop() to abort; False when
+        stopping. Under the lock, so that stop() either sees this connection
+        with its socket or this check sees stop()."""
+        conn.connect()
+        with self._lock:
+            if self._stopping.is_set():
+                return False
+            self._polls.add(conn)
+        return True
 
     def _poll_answer(self, status, answer, generation):
         self._recovered("hub", "the hub at %s answers again" % self.hub.url)

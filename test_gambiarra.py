@@ -1697,11 +1697,15 @@ class TestAgent(HubTestCase):
         self.assertTrue(wait_until(lambda: self.participants()[0]["inFlight"] == 0))
 
     def test_an_unreachable_local_server_is_a_502_and_the_agent_stays(self):
+        logs = CapturedLogs(self)
         agent = self.agent()
         self.fake.close()
-        status, _, answer = self.chat(self.code, "alice")
-        self.assertEqual((status, answer["error"]["code"]), (502, "backend_unreachable"))
+        for _ in range(2):
+            status, _, answer = self.chat(self.code, "alice")
+            self.assertEqual((status, answer["error"]["code"]), (502, "backend_unreachable"))
         self.assertEqual(len(self.participants()), 1)
+        reports = [m for m in logs.at(logging.WARNING) if m.startswith("the local server")]
+        self.assertEqual(len(reports), 1, reports)  # reported once, not per request
         agent.close()
         self.assertEqual(self.participants(), [])  # it left
 

@@ -3495,10 +3495,12 @@ def cmd_join(args):
     code = args.code or args.code_option
     if not code:
         args.usage_error("a room code is needed, like: python3 gambiarra.py join XK7P2M")
+    if args.direct and args.endpoint:
+        refuse_loopback_for_direct(args.endpoint)  # before probing a server for nothing
     local_url, models = local_server(args.endpoint)
     model = choose_model(args.model, models, local_url)
     if args.direct:
-        refuse_loopback_for_direct(local_url)
+        refuse_loopback_for_direct(local_url)  # a server found by probing is loopback
     agent = Agent(args.hub, code, join_fields(args, local_url, model), local_url,
                   password=args.password)
     with stop_signals() as (stop, seen), status_lines_on_stderr():

@@ -11,6 +11,7 @@ them through the hub at ``http://HUB:3000/rooms/CODE/v1``::
 
     python3 gambiarra.py create "Hackathon"    # prints the room code
     python3 gambiarra.py list                  # rooms, participants, models
+    python3 gambiarra.py join XK7P2M           # share your local LLM in room XK7P2M
 
 The hub keeps the HTTP API of the original Gambiarra (Bun/TypeScript), so its
 SDK, the Vercel AI SDK and the ``openai`` package work unchanged. ``import
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import contextlib
 import email.utils
 import errno
 import hashlib
@@ -48,7 +50,7 @@ import time
 import urllib.parse
 
 __version__ = "0.1.0"
-__all__ = ["Hub", "ApiError", "main", "__version__"]
+__all__ = ["Hub", "Agent", "ApiError", "main", "__version__"]
 
 log = logging.getLogger("gambiarra")
 
@@ -1538,6 +1540,8 @@ class Relay:
         exchange.released = True
         if exchange.call is not None:
             self.tunnels.finish(exchange.call)
+            if not exchange.backend_done:  # the client left mid-answer: 410 the upload
+                exchange.call.cancel()
         conn, exchange.conn = exchange.conn, None
         if conn is not None and exchange.backend_done and conn.sock is not None:
             self.pool.put(exchange.key, conn)  # (sock is None if the backend said close)
@@ -2536,7 +2540,652 @@ def _linux_interface_addresses():
     return addresses
 
 
+# === Participant agent ===
+#
+# What `gambiarra.py join` runs on a participant's machine: find the local LLM
+# server, join a room, heartbeat, and (by default) serve the hub's requests
+# through the tunnel, so the local server never has to listen on the network.
+
+#: Local servers probed when `join` has no --endpoint, in this order.
+LOCAL_SERVERS = ((11434, "Ollama"), (1234, "LM Studio"), (8080, "LocalAI/llama.cpp"),
+                 (8000, "vLLM"))
+#: Time one probe of a local port may take (connect and answer).
+LOCAL_PROBE_TIMEOUT_S = 0.5
+#: Time an explicit --endpoint may take to list its models.
+LOCAL_MODELS_TIMEOUT_S = 5.0
+#: Time one management call to the hub (join, health, leave) may take.
+HUB_CALL_TIMEOUT_S = 10.0
+#: Retry delays of an agent that cannot reach its hub or room: doubled up to the max.
+AGENT_BACKOFF_MIN_S = 1.0
+AGENT_BACKOFF_MAX_S = 30.0
+#: How long a stopping agent lets requests in flight finish before leaving.
+AGENT_DRAIN_S = 5.0
+#: Time nvidia-smi may take to describe the GPUs.
+NVIDIA_SMI_TIMEOUT_S = 2.0
+
+
+def open_http(parts, timeout):
+    """An http.client connection for a urlsplit() result (http or https)."""
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    return kind(parts.hostname, parts.port, timeout=timeout)
+
+
+def _get_json(parts, path, timeout):
+    """GET a JSON document; None when the answer is not 200 JSON. Raises OSError
+    (or http.client.HTTPException) when nothing answers HTTP."""
+    conn = open_http(parts, timeout)
+    try:
+        conn.request("GET", parts.path + path)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            return None
+        try:
+            return json.loads(data.decode("utf-8"))
+        except ValueError:
+            return None
+    finally:
+        conn.close()
+
+
+def list_local_models(url, timeout):
+    """The model names a local server lists: Ollama's /api/tags, else the OpenAI
+    /v1/models. None when it answers HTTP but lists nothing we understand;
+    OSError when it does not answer at all."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        tags = _get_json(parts, "/api/tags", timeout)
+        if isinstance(tags, dict) and isinstance(tags.get("models"), list):
+            return [m["name"] for m in tags["models"] if isinstance(m, dict) and "name" in m]
+        listing = _get_json(parts, "/v1/models", timeout)
+    except http.client.HTTPException as exc:
+        raise OSError("not an HTTP server (%s)" % exc.__class__.__name__)
+    if isinstance(listing, dict) and isinstance(listing.get("data"), list):
+        return [m["id"] for m in listing["data"] if isinstance(m, dict) and "id" in m]
+    return None
+
+
+def discover_local_server(servers=LOCAL_SERVERS, timeout=LOCAL_PROBE_TIMEOUT_S):
+    """(url, models) of the first local server that answers on 127.0.0.1."""
+    for port, _name in servers:
+        url = "http://127.0.0.1:%d" % port
+        try:
+            return url, list_local_models(url, timeout)
+        except OSError:
+            continue
+    tried = ", ".join("%d (%s)" % server for server in servers)
+    raise GambiarraError("no local LLM server found on 127.0.0.1 ports %s. Start one (for "
+                         "Ollama: 'ollama serve') or pass --endpoint URL" % tried)
+
+
+def local_server(endpoint):
+    """(url, models) of --endpoint, or of the server found by probing."""
+    if endpoint is None:
+        return discover_local_server()
+    try:
+        url = normalize_endpoint(endpoint)
+    except ApiError:
+        raise GambiarraError("--endpoint must be an http:// URL like http://127.0.0.1:11434, "
+                             "not %r" % endpoint)
+    try:
+        return url, list_local_models(url, LOCAL_MODELS_TIMEOUT_S)
+    except OSError as exc:
+        raise GambiarraError("no LLM server answers at %s (%s). Start it, or fix --endpoint"
+                             % (url, exc))
+
+
+def choose_model(requested, models, url):
+    """The served model name to register: ``requested`` as the server names it
+    ("llama3" finds "llama3:latest"), or the only model served."""
+    if requested and models is None:
+        return requested  # the server does not list its models: trust the user
+    if not models:
+        raise GambiarraError("the server at %s lists no models. Load or pull one (for Ollama: "
+                             "'ollama pull llama3'), or pass --model NAME" % url)
+    if requested is None:
+        if len(models) == 1:
+            return models[0]
+        raise GambiarraError("the server at %s serves several models: %s. Pick one with "
+                             "--model NAME" % (url, ", ".join(models)))
+    for served in models:
+        if model_matches(requested, served):
+            return served
+    raise GambiarraError("the server at %s does not serve %r; it serves: %s"
+                         % (url, requested, ", ".join(models)))
+
+
+def is_loopback(url):
+    """True when ``url`` names this machine only (127.x, localhost, ::1)."""
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    return host in ("localhost", "::1") or host.startswith("127.") \
+        or host.endswith(".localhost")
+
+
+def refuse_loopback_for_direct(url):
+    """--direct makes the hub call the endpoint itself: a loopback address would
+    make it call its own machine, so say what to do instead."""
+    if not is_loopback(url):
+        return
+    parts = urllib.parse.urlsplit(url)
+    addresses = local_ipv4_addresses()
+    example = "http://%s:%d" % (addresses[0] if addresses else "YOUR-LAN-IP", parts.port or 80)
+    raise GambiarraError("--direct registers %s for the hub to call, but on the hub that "
+                         "address is the hub's own machine. Drop --direct to use the tunnel "
+                         "(the default), or pass --endpoint %s with your server listening on "
+                         "the network" % (url, example))
+
+
+def collect_specs():
+    """What the OS tells cheaply about this machine; unknown values are left out."""
+    import platform  # here: only the agent needs it
+    specs = {"cpu": _cpu_name() or platform.processor() or platform.machine(),
+             "cores": os.cpu_count(), "ramGb": _ram_gb(), "os": platform.system()}
+    specs.update(_nvidia_gpu())
+    return {key: value for key, value in specs.items() if value}
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _ram_gb():
+    """Total memory in GiB, one decimal: /proc/meminfo, else sysconf (macOS, BSD)."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024 ** 2, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _nvidia_gpu():
+    """{"gpu", "vramGb"} of the first NVIDIA GPU, or {} without nvidia-smi."""
+    import shutil
+    import subprocess
+    command = shutil.which("nvidia-smi")
+    if command is None:
+        return {}
+    try:
+        out = subprocess.run([command, "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             timeout=NVIDIA_SMI_TIMEOUT_S, universal_newlines=True).stdout
+        name, memory = out.splitlines()[0].rsplit(",", 1)
+        return {"gpu": name.strip(), "vramGb": round(int(memory.split()[0]) / 1024, 1)}
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return {}
+
+
+class Backoff:
+    """Capped exponential retry delays: min, 2 x min, ... max, until reset()."""
+
+    def __init__(self, min_s, max_s):
+        self.min_s, self.max_s = min_s, max_s
+        self.delay_s = min_s
+
+    def next(self):
+        delay, self.delay_s = self.delay_s, min(self.delay_s * 2, self.max_s)
+        return delay
+
+    def reset(self):
+        self.delay_s = self.min_s
+
+
+class HubClient:
+    """JSON calls to a hub's management routes, answering (status, payload)
+    instead of raising on 4xx, because the agent acts on 404 and 401."""
+
+    def __init__(self, url):
+        self.url = url.rstrip("/")
+        self.parts = urllib.parse.urlsplit(self.url)
+        if self.parts.scheme not in ("http", "https") or not self.parts.hostname:
+            raise GambiarraError("--hub must be a URL like http://192.168.1.20:3000, not %r"
+                                 % url)
+
+    def connection(self, timeout=HUB_CALL_TIMEOUT_S):
+        return open_http(self.parts, timeout)
+
+    def path(self, path):
+        return self.parts.path.rstrip("/") + path
+
+    def call(self, method, path, body=None, secret=None, timeout=HUB_CALL_TIMEOUT_S):
+        """One request; OSError when the hub cannot be reached."""
+        headers = {"Content-Type": "application/json"}
+        if secret:
+            headers["X-Gambiarra-Secret"] = secret
+        conn = self.connection(timeout)
+        try:
+            conn.request(method, self.path(path), headers=headers,
+                         body=json_bytes(body) if body is not None else None)
+            response = conn.getresponse()
+            return response.status, _json_or_empty(response.read())
+        except http.client.HTTPException as exc:
+            raise OSError("bad answer from the hub (%s)" % exc.__class__.__name__)
+        finally:
+            conn.close()
+
+
+def _json_or_empty(data):
+    try:
+        answer = json.loads(data.decode("utf-8")) if data else {}
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def quote_segment(text):
+    return urllib.parse.quote(text, safe="")
+
+
+class Agent:
+    """A participant that stays in a room: it joins, heartbeats, re-joins by
+    itself when the hub forgot it (a restarted hub), retries with backoff when
+    the hub is unreachable, and with ``transport`` "tunnel" serves the hub's
+    requests from ``local_url`` on ``maxConcurrent`` long-polling threads.
+
+    ``fields`` is the join body without the password and secret. Timings are
+    parameters so that tests run in milliseconds.
+    """
+
+    def __init__(self, hub_url, code, fields, local_url, password=None,
+                 poll_wait_s=TUNNEL_POLL_S, backoff_min_s=AGENT_BACKOFF_MIN_S,
+                 backoff_max_s=AGENT_BACKOFF_MAX_S, drain_s=AGENT_DRAIN_S,
+                 local_timeout_s=DEFAULT_BACKEND_TIMEOUT_S):
+        self.hub = HubClient(hub_url)
+        self.code = code.upper()
+        self.fields = dict(fields)
+        self.local = urllib.parse.urlsplit(normalize_endpoint(local_url))
+        self.password = password
+        self.poll_wait_s, self.drain_s = poll_wait_s, drain_s
+        self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
+        self.local_timeout_s = local_timeout_s
+        self.health_interval_s = DEFAULT_HEALTH_INTERVAL_S
+        # _lock guards _secret, _generation, _in_flight, _polls, _locals, _troubles.
+        self._lock = threading.Lock()
+        self._join_lock = threading.Lock()  # one (re-)join at a time
+        self._secret = None
+        self._generation = 0  # joins so far; a re-join answers one failure only
+        self._in_flight = 0
+        self._polls = set()  # hub connections in a long poll
+        self._locals = set()  # local server connections serving a request
+        self._troubles = set()  # kinds of failure reported and not yet over
+        self._stopping = threading.Event()
+        self._threads = []
+        self._left = False
+
+    @property
+    def id(self):
+        return self.fields["id"]
+
+    @property
+    def tunnelled(self):
+        return self.fields.get("transport") == "tunnel"
+
+    # -- lifecycle --
+
+    def start(self):
+        """Join (GambiarraError with a message for people if that fails), then
+        heartbeat and serve in daemon threads."""
+        self._join()
+        log.info("joined room %s as %s serving %s (%s) via %s", self.code,
+                 printable(self.fields["nickname"]), printable(self.fields["model"]),
+                 urllib.parse.urlunsplit(self.local), self.fields.get("transport", "direct"))
+        self._spawn("agent-heartbeat", self._heartbeat_loop)
+        if self.tunnelled:
+            for number in range(self.fields.get("maxConcurrent", DEFAULT_MAX_CONCURRENT)):
+                self._spawn("agent-tunnel-%d" % number, self._worker_loop)
+        return self
+
+    def _spawn(self, name, target):
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self):
+        """Stop polling, let requests in flight finish (at most ``drain_s``),
+        then leave the room. Idempotent."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()  # before _abort takes the lock: see _register_poll
+        self._abort(self._polls)
+        if not self._drained(self.drain_s):
+            log.warning("requests still running after %g s; cutting them off", self.drain_s)
+            self._abort(self._locals)
+        self._leave()
+
+    def close(self):
+        """stop(), and wait (bounded) for every thread of the agent."""
+        self.stop()
+        for thread in self._threads:
+            thread.join(self.drain_s + HUB_CALL_TIMEOUT_S)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def _abort(self, connections):
+        """Shut down the sockets of these connections, waking their readers."""
+        with self._lock:
+            sockets = [conn.sock for conn in connections if conn.sock is not None]
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _drained(self, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._in_flight:
+                    return True
+            time.sleep(0.02)
+        with self._lock:
+            return not self._in_flight
+
+    def _leave(self):
+        with self._lock:
+            secret = self._secret
+        try:
+            status, answer = self.hub.call(
+                "DELETE", "/rooms/%s/leave/%s" % (self.code, quote_segment(self.id)),
+                secret=secret)
+        except OSError as exc:
+            log.warning("could not tell the hub at %s that %s left (%s)", self.hub.url,
+                        self.id, exc)
+            return
+        self._left = status == 200
+        if status not in (200, 404):
+            log.warning("the hub refused the leave of %s: %s", self.id, answer.get("error"))
+
+    # -- joining --
+
+    def _join(self):
+        """POST join; keep the secret and heartbeat interval it answers."""
+        body = dict(self.fields)
+        with self._lock:
+            if self._secret:
+                body["secret"] = self._secret
+        if self.password:
+            body["password"] = self.password
+        try:
+            status, answer = self.hub.call("POST", "/rooms/%s/join" % quote_segment(self.code),
+                                           body)
+        except OSError as exc:
+            raise GambiarraError("cannot reach the hub at %s (%s). Is it running? Check --hub"
+                                 % (self.hub.url, exc))
+        if status != 201 or "secret" not in answer:
+            raise GambiarraError(self._join_refusal(status, answer.get("error")))
+        with self._lock:
+            self._secret = answer["secret"]
+            self._generation += 1
+        interval_ms = answer.get("healthInterval")
+        if isinstance(interval_ms, (int, float)) and interval_ms > 0:
+            self.health_interval_s = interval_ms / 1000.0
+
+    def _join_refusal(self, status, message):
+        if status == 404:
+            return ("room %s does not exist on the hub at %s. Check the code, or list the "
+                    "rooms: python3 gambiarra.py list --hub %s" % (self.code, self.hub.url,
+                                                                  self.hub.url))
+        if status == 401 and message == "Invalid password":
+            return ("wrong password for room %s. Pass the room's password with --password "
+                    "or $GAMBIARRA_PASSWORD" % self.code)
+        return "the hub at %s refused to join room %s (%s): %s" % (
+            self.hub.url, self.code, status, message or "no reason given")
+
+    def _rejoin(self, generation):
+        """Join again with the same id after the hub forgot us; True when in the
+        room again. Several threads may notice at once: one re-joins."""
+        with self._join_lock:
+            with self._lock:
+                if self._generation != generation:
+                    return True
+            try:
+                self._join()
+            except GambiarraError as exc:
+                self._trouble("rejoin", "cannot re-join room %s yet (%s); retrying"
+                              % (self.code, exc))
+                return False
+        self._recovered("rejoin", None)
+        log.warning("the hub had forgotten %s (restarted?); re-joined room %s",
+                    printable(self.id), self.code)
+        return True
+
+    def _credentials(self):
+        with self._lock:
+            return self._secret, self._generation
+
+    # -- reporting a failure once --
+
+    def _trouble(self, kind, message):
+        """Log ``message`` at the start of a failure of this kind only."""
+        with self._lock:
+            first = kind not in self._troubles
+            self._troubles.add(kind)
+        if first:
+            log.warning("%s", message)
+
+    def _recovered(self, kind, message):
+        with self._lock:
+            was_failing = kind in self._troubles
+            self._troubles.discard(kind)
+        if was_failing and message:
+            log.info("%s", message)
+
+    def _hub_unreachable(self, exc):
+        self._trouble("hub", "cannot reach the hub at %s (%s); retrying every %g s at most"
+                      % (self.hub.url, exc, self.backoff_max_s))
+
+    # -- heartbeats --
+
+    def _heartbeat_loop(self):
+        backoff = Backoff(self.backoff_min_s, self.backoff_max_s)
+        delay = self.health_interval_s
+        while not self._stopping.wait(delay):
+            if self._heartbeat():
+                backoff.reset()
+                delay = self.health_interval_s
+            else:
+                delay = backoff.next()
+
+    def _heartbeat(self):
+        """One heartbeat; True when the hub knows us (after a re-join if needed)."""
+        secret, generation = self._credentials()
+        try:
+            status, answer = self.hub.call("POST", "/rooms/%s/health" % self.code,
+                                           {"id": self.id}, secret=secret)
+        except OSError as exc:
+            self._hub_unreachable(exc)
+            return False
+        self._recovered("hub", "the hub at %s answers again" % self.hub.url)
+        if status == 404:
+            return self._rejoin(generation)
+        if status != 200:
+            self._trouble("health", "the hub refused a heartbeat (%d): %s"
+                          % (status, answer.get("error")))
+            return False
+        self._recovered("health", None)
+        return True
+
+    # -- the tunnel --
+
+    def _worker_loop(self):
+        """Long-poll for a request, serve it, again; back off while the hub fails."""
+        backoff = Backoff(self.backoff_min_s, self.backoff_max_s)
+        while not self._stopping.is_set():
+            job, healthy = self._poll()
+            if job is not None:
+                self._serve(job)
+            if healthy:
+                backoff.reset()
+            else:
+                self._stopping.wait(backoff.next())
+
+    def _poll(self):
+        """One long poll: (job or None, whether the hub answered as expected)."""
+        secret, generation = self._credentials()
+        conn = self.hub.connection(self.poll_wait_s + HUB_CALL_TIMEOUT_S)
+        try:
+            if not self._register_poll(conn):
+                return None, True
+            conn.request("GET", self.hub.path("/rooms/%s/tunnel/%s?wait=%g" % (
+                self.code, quote_segment(self.id), self.poll_wait_s)),
+                headers={"X-Gambiarra-Secret": secret or ""})
+            response = conn.getresponse()
+            status, answer = response.status, _json_or_empty(response.read())
+        except (OSError, http.client.HTTPException) as exc:
+            if not self._stopping.is_set():
+                self._hub_unreachable(exc)
+            return None, self._stopping.is_set()
+        finally:
+            with self._lock:
+                self._polls.discard(conn)
+            conn.close()
+        return self._poll_answer(status, answer, generation)
+
+    def _register_poll(self, conn):
+        """Connect, and list the connection for stop() to abort; False when
+        stopping. Under the lock, so that stop() either sees this connection
+        with its socket or this check sees stop()."""
+        conn.connect()
+        with self._lock:
+            if self._stopping.is_set():
+                return False
+            self._polls.add(conn)
+        return True
+
+    def _poll_answer(self, status, answer, generation):
+        self._recovered("hub", "the hub at %s answers again" % self.hub.url)
+        if status == 200 and "requestId" in answer:
+            return answer, True
+        if status == 204:
+            return None, True
+        if status == 404:
+            return None, self._rejoin(generation)
+        self._trouble("poll", "the hub refused a tunnel poll (%d): %s"
+                      % (status, answer.get("error")))
+        return None, False
+
+    def _serve(self, job):
+        """Answer one request (a thread boundary: a bug must not end the worker)."""
+        with self._lock:
+            self._in_flight += 1
+        try:
+            self._answer(job)
+        except Exception:
+            log.exception("serving request %s failed", printable(job.get("requestId")))
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _answer(self, job):
+        local = open_http(self.local, self.local_timeout_s)
+        with self._lock:
+            self._locals.add(local)
+        try:
+            try:
+                local.request("POST", self.local.path + job["path"], body=json_bytes(job["body"]),
+                              headers={"Content-Type": "application/json"})
+                answer = local.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                self._local_failed(exc)
+                self._upload_error(job, "the participant's server at %s failed: %s"
+                                   % (urllib.parse.urlunsplit(self.local), exc))
+                return
+            self._recovered("local", "the local server at %s answers again"
+                            % urllib.parse.urlunsplit(self.local))
+            self._upload(job, answer)
+        finally:
+            with self._lock:
+                self._locals.discard(local)
+            local.close()  # also after a 410: the local server stops generating
+
+    def _local_failed(self, exc):
+        self._trouble("local", "the local server at %s failed (%s); its requests fail until "
+                               "it is back" % (urllib.parse.urlunsplit(self.local), exc))
+
+    def _answer_path(self, job):
+        return self.hub.path("/rooms/%s/tunnel/%s/%s" % (
+            self.code, quote_segment(self.id), quote_segment(str(job["requestId"]))))
+
+    def _upload_connection(self):
+        conn = self.hub.connection(HUB_CALL_TIMEOUT_S)
+        conn.connect()
+        # Each piece is one small write: without this, Nagle delays every token.
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def _upload(self, job, answer):
+        """Stream the local answer to the hub piece by piece, as it arrives."""
+        secret, _ = self._credentials()
+        headers = {"X-Gambiarra-Secret": secret or "", "Transfer-Encoding": "chunked",
+                   "X-Gambiarra-Status": str(answer.status),
+                   "Content-Type": answer.getheader("Content-Type") or "application/json"}
+        self._send_upload(job, headers, _pieces_of(answer), encode_chunked=True)
+
+    def _upload_error(self, job, message):
+        secret, _ = self._credentials()
+        headers = {"X-Gambiarra-Secret": secret or "", "Content-Length": "0",
+                   "X-Gambiarra-Error": message.encode("ascii", "replace").decode("ascii")}
+        self._send_upload(job, headers, b"")
+
+    def _send_upload(self, job, headers, body, encode_chunked=False):
+        try:
+            conn = self._upload_connection()
+        except OSError as exc:
+            self._hub_unreachable(exc)
+            return
+        try:
+            conn.request("POST", self._answer_path(job), body=body, headers=headers,
+                         encode_chunked=encode_chunked)
+            status = conn.getresponse().status
+        except (OSError, http.client.HTTPException) as exc:
+            # The hub closes the upload when the client went away (410).
+            log.debug("upload of %s ended early: %s", printable(job["requestId"]), exc)
+            return
+        finally:
+            conn.close()
+        if status == 410:
+            log.debug("the client of %s went away", printable(job["requestId"]))
+        elif status != 200:
+            log.debug("the hub answered %d to the upload of %s", status,
+                      printable(job["requestId"]))
+
+
+def _pieces_of(response):
+    """The body of an http.client response as the pieces that arrive."""
+    while True:
+        data = response.read1(RELAY_READ_BYTES)
+        if not data:
+            return
+        yield data
+
+
+
 # === CLI ===
+
+EPILOG_JOIN = """examples:
+  python3 gambiarra.py join XK7P2M --hub http://192.168.1.20:3000   # finds Ollama & co.
+  python3 gambiarra.py join XK7P2M --model llama3 --password 'correct horse'
+  python3 gambiarra.py join XK7P2M --direct --endpoint http://192.168.1.50:11434
+
+By default the hub reaches your server through a tunnel that this command keeps
+open, so your server can stay on 127.0.0.1. Ctrl-C leaves the room.
+"""
 
 EPILOG_SERVE = """examples:
   python3 gambiarra.py serve                    # port 3000 on every interface
@@ -2624,7 +3273,51 @@ def build_parser():
     add_hub_argument(rooms)
     rooms.add_argument("--json", action="store_true", help="print the hub's answer as JSON")
     rooms.set_defaults(func=cmd_list)
+    add_join_parser(commands)
     return parser
+
+
+def json_object(text):
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("not valid JSON (%s)" % exc)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('must be a JSON object, like \'{"temperature": 0.7}\'')
+    return value
+
+
+def add_join_parser(commands):
+    join = commands.add_parser(
+        "join", help="share your local LLM server in a room", epilog=EPILOG_JOIN,
+        description="Join a room as a participant serving a local LLM server (Ollama, "
+                    "LM Studio, llama.cpp, vLLM...) and stay until Ctrl-C.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    join.add_argument("code", nargs="?", default=None, help="room code, like XK7P2M")
+    join.add_argument("--code", dest="code_option", metavar="CODE", default=None,
+                      help="the room code, as an option")
+    add_hub_argument(join)
+    join.add_argument("--model", default=None,
+                      help="model to serve (default: the only one the server has)")
+    join.add_argument("--endpoint", default=None, metavar="URL",
+                      help="your server's base URL (default: the first answering on "
+                           "127.0.0.1 ports 11434, 1234, 8080, 8000)")
+    join.add_argument("--nickname", default=default_nickname(),
+                      help="name shown in the room (default: %(default)s)")
+    join.add_argument("--password", default=os.environ.get("GAMBIARRA_PASSWORD"),
+                      help="the room's password (default: $GAMBIARRA_PASSWORD)")
+    join.add_argument("--direct", action="store_true",
+                      help="let the hub call --endpoint itself instead of the tunnel "
+                           "(the endpoint must be reachable from the hub)")
+    join.add_argument("--max-concurrent", type=positive_int, default=DEFAULT_MAX_CONCURRENT,
+                      metavar="N", help="requests served at once (default: %(default)s)")
+    join.add_argument("--no-specs", action="store_true",
+                      help="do not tell the room about this machine's CPU, RAM and GPU")
+    join.add_argument("--config", type=json_object, default=None, metavar="JSON",
+                      help="generation defaults shown to the room, a JSON object")
+    join.add_argument("--id", default=None,
+                      help="participant id (default: the nickname and a random suffix)")
+    join.set_defaults(func=cmd_join, usage_error=join.error)
 
 
 def add_hub_argument(parser):
@@ -2739,6 +3432,90 @@ def cmd_list(args):
         print("%s  %-30s %d participant(s)" % (room["code"], room["name"],
                                                room["participantCount"]))
     return 0
+
+
+def default_nickname():
+    user = os.environ.get("USER") or os.environ.get("USERNAME") or "someone"
+    return "%s@%s" % (user, socket.gethostname().split(".")[0] or "localhost")
+
+
+def default_participant_id(nickname):
+    """The nickname made URL-safe, with a random suffix: a restarted agent must
+    not collide with the participant its previous run left behind."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", nickname).strip("-")[:40] or "participant"
+    return "%s-%s" % (slug, secrets.token_hex(3))
+
+
+def join_fields(args, local_url, model):
+    """The join body (without password and secret) that the command line asks for."""
+    fields = {"id": args.id or default_participant_id(args.nickname),
+              "nickname": args.nickname, "model": model, "endpoint": local_url,
+              "maxConcurrent": args.max_concurrent,
+              "transport": "direct" if args.direct else "tunnel"}
+    if not args.no_specs:
+        fields["specs"] = collect_specs()
+    if args.config is not None:
+        fields["config"] = args.config
+    return fields
+
+
+@contextlib.contextmanager
+def status_lines_on_stderr():
+    """Show the agent's INFO status lines on stderr while it runs, then put
+    the logger back as it was (tests run several commands in one process)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    old_level, old_propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+        log.propagate = old_propagate
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Collect SIGINT and SIGTERM in a list instead of raising, and restore the
+    previous handlers afterwards. Yields (event set on a signal, signals seen)."""
+    stop, seen = threading.Event(), []
+
+    def on_signal(signum, frame):
+        seen.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop, seen
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def cmd_join(args):
+    code = args.code or args.code_option
+    if not code:
+        args.usage_error("a room code is needed, like: python3 gambiarra.py join XK7P2M")
+    if args.direct and args.endpoint:
+        refuse_loopback_for_direct(args.endpoint)  # before probing a server for nothing
+    local_url, models = local_server(args.endpoint)
+    model = choose_model(args.model, models, local_url)
+    if args.direct:
+        refuse_loopback_for_direct(local_url)  # a server found by probing is loopback
+    agent = Agent(args.hub, code, join_fields(args, local_url, model), local_url,
+                  password=args.password)
+    with stop_signals() as (stop, seen), status_lines_on_stderr():
+        agent.start()
+        try:
+            while not stop.wait(1):
+                pass
+        finally:
+            log.info("leaving room %s", agent.code)
+            agent.close()
+    return 130 if seen and seen[0] == signal.SIGINT else 0
 
 
 def main(argv=None):

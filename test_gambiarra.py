@@ -1649,6 +1649,240 @@ class TestServeProcess(unittest.TestCase):
                 self.assertIn("kept", f.read())  # the default state file
 
 
+# === Participant agent ===
+
+AGENT_TIMINGS = dict(poll_wait_s=0.5, backoff_min_s=0.02, backoff_max_s=0.2, drain_s=2,
+                     local_timeout_s=WAIT_S)
+
+
+class TestAgent(HubTestCase):
+    """The agent in-process, against a real hub and a loopback-only backend."""
+
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.fake = self.backend()
+        self.path = "/rooms/%s/v1/chat/completions" % self.code
+
+    def agent(self, hub_url=None, **fields):
+        body = {"id": "alice", "nickname": "Alice", "model": "fake-model",
+                "endpoint": self.fake.url, "transport": "tunnel", "maxConcurrent": 2}
+        body.update(fields)
+        agent = gambiarra.Agent(hub_url or self.hub.url, self.code.lower(), body, self.fake.url,
+                                **AGENT_TIMINGS)
+        self.addCleanup(agent.close)
+        return agent.start()
+
+    def participants(self, hub=None):
+        return (hub or self.hub).registry.participants_json(self.code)
+
+    def test_answers_and_streams_come_through_the_tunnel(self):
+        self.agent()
+        self.assertEqual(self.participants()[0]["transport"], "tunnel")
+        status, _, answer = self.chat(self.code, "alice")
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["choices"][0]["message"]["content"], "tok0 tok1 tok2 ")
+        conn, response = self.open_stream(self.path, {
+            "model": "alice", "stream": True, "fake": {"chunks": 3, "stall_after": 1}})
+        self.assertEqual(response.status, 200)
+        first = response.read1(65536)
+        self.assertIn(b'"seq": 0', first)  # streamed before the backend sent the rest
+        self.fake.release.set()
+        events = sse_events(first + response.read())
+        self.assertEqual([json.loads(d)["seq"] for _, d in events[:-1]], [0, 1, 2])
+
+    def test_a_client_leaving_closes_the_local_connection(self):
+        self.agent()
+        conn, response = self.open_stream(self.path, {
+            "model": "alice", "stream": True, "fake": {"chunks": 500, "delay": 0.01}})
+        response.read1(65536)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        response.close()
+        conn.close()
+        self.assertTrue(self.fake.disconnected.wait(WAIT_S))  # long before the 500th chunk
+        self.assertTrue(wait_until(lambda: self.participants()[0]["inFlight"] == 0))
+
+    def test_an_unreachable_local_server_is_a_502_and_the_agent_stays(self):
+        logs = CapturedLogs(self)
+        agent = self.agent()
+        self.fake.close()
+        for _ in range(2):
+            status, _, answer = self.chat(self.code, "alice")
+            self.assertEqual((status, answer["error"]["code"]), (502, "backend_unreachable"))
+        self.assertEqual(len(self.participants()), 1)
+        reports = [m for m in logs.at(logging.WARNING) if m.startswith("the local server")]
+        self.assertEqual(len(reports), 1, reports)  # reported once, not per request
+        agent.close()
+        self.assertEqual(self.participants(), [])  # it left
+
+    def test_direct_agent_heartbeats_and_leaves(self):
+        self.hub.health_interval = 0.05
+        agent = self.agent(transport="direct")
+        self.assertAlmostEqual(agent.health_interval_s, 0.05)
+        seen = self.participants()[0]["lastSeen"]
+        self.assertTrue(wait_until(lambda: self.participants()[0]["lastSeen"] > seen))
+        self.assertEqual(self.chat(self.code, "alice")[0], 200)
+        agent.close()
+        self.assertEqual(self.participants(), [])
+
+    def test_a_restarted_hub_gets_the_participant_back(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        state = os.path.join(folder, "hub.json")
+        first = gambiarra.Hub("127.0.0.1", 0, state_path=state, health_interval=0.05).start()
+        self.addCleanup(first.close)
+        port = first.port
+        status, answer = gambiarra.HubClient(first.url).call("POST", "/rooms", {"name": "R"})
+        self.code = answer["room"]["code"]
+        logs = CapturedLogs(self)
+        self.agent(hub_url=first.url)
+        first.close()
+        second = gambiarra.Hub("127.0.0.1", port, state_path=state, health_interval=0.05,
+                               backend_timeout=5).start()
+        self.addCleanup(second.close)
+        self.assertTrue(wait_until(lambda: self.participants(second)))
+        self.assertEqual(self.participants(second)[0]["id"], "alice")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/rooms/%s/v1/chat/completions" % self.code, body=json.dumps(
+            {"model": "alice", "messages": []}), headers={"Content-Type": "application/json"})
+        self.assertEqual(conn.getresponse().status, 200)
+        rejoins = [m for m in logs.at(logging.WARNING) if "re-joined" in m]
+        self.assertEqual(len(rejoins), 1, logs.at(logging.WARNING))
+
+
+class TestAgentHelpers(unittest.TestCase):
+    def test_model_choice(self):
+        choose = gambiarra.choose_model
+        self.assertEqual(choose(None, ["a"], "u"), "a")
+        self.assertEqual(choose("llama3", ["x", "llama3:latest"], "u"), "llama3:latest")
+        self.assertEqual(choose("anything", None, "u"), "anything")
+        for requested, models, words in ((None, ["a", "b"], "a, b"), ("c", ["a", "b"], "a, b"),
+                                         (None, [], "--model")):
+            with self.assertRaises(gambiarra.GambiarraError) as caught:
+                choose(requested, models, "u")
+            self.assertIn(words, str(caught.exception))
+
+    def test_loopback_addresses(self):
+        for url in ("http://127.0.0.1:1", "http://localhost:1", "http://[::1]:1",
+                    "http://127.1.2.3"):
+            self.assertTrue(gambiarra.is_loopback(url), url)
+        self.assertFalse(gambiarra.is_loopback("http://192.168.1.50:11434"))
+
+    def test_discovery_takes_the_first_server_that_answers(self):
+        backend = FakeBackend(models=("m1", "m2"))
+        self.addCleanup(backend.close)
+        closed = free_port()
+        found = gambiarra.discover_local_server(
+            ((closed, "none"), (int(backend.url.rsplit(":", 1)[1]), "fake")))
+        self.assertEqual(found, (backend.url, ["m1", "m2"]))  # from /api/tags
+        with self.assertRaises(gambiarra.GambiarraError) as caught:
+            gambiarra.discover_local_server(((closed, "Ollama"),))
+        self.assertIn("%d (Ollama)" % closed, str(caught.exception))
+        self.assertIn("ollama serve", str(caught.exception))
+
+    def test_specs_are_cheap_and_leave_out_the_unknown(self):
+        specs = gambiarra.collect_specs()
+        self.assertEqual(specs["cores"], os.cpu_count())
+        self.assertTrue(all(value for value in specs.values()))
+
+    def test_backoff_doubles_up_to_its_cap(self):
+        backoff = gambiarra.Backoff(1, 5)
+        self.assertEqual([backoff.next() for _ in range(5)], [1, 2, 4, 5, 5])
+        backoff.reset()
+        self.assertEqual(backoff.next(), 1)
+
+
+class TestJoinCommand(HubTestCase):
+    """``join`` errors: exit 1 and one line on stderr, fast."""
+
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.fake = self.backend()
+
+    def run_main(self, *argv):
+        return TestCli.run_main(self, *argv)
+
+    def assert_one_line_error(self, argv, *words):
+        started = time.monotonic()
+        status, out, err = self.run_main(*argv)
+        self.assertEqual((status, out), (1, ""), err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        for word in words:
+            self.assertIn(word, err)
+        self.assertLess(time.monotonic() - started, 5)
+        return err
+
+    def join_argv(self, *extra, endpoint=None):
+        return ["join", self.code, "--hub", self.hub.url, "--no-specs",
+                "--endpoint", endpoint or self.fake.url] + list(extra)
+
+    def test_direct_with_a_loopback_endpoint_is_refused(self):
+        err = self.assert_one_line_error(self.join_argv("--direct"), "--direct", "tunnel")
+        self.assertIn(self.fake.url, err)
+        self.assertEqual(self.hub.registry.participants_json(self.code), [])
+
+    def test_no_local_server(self):
+        url = "http://127.0.0.1:%d" % free_port()
+        self.assert_one_line_error(self.join_argv(endpoint=url), url, "--endpoint")
+
+    def test_model_not_served_and_several_models(self):
+        self.assert_one_line_error(self.join_argv("--model", "nope"), "nope", "fake-model")
+        several = self.backend(models=("llama3:latest", "qwen2:7b"))
+        self.assert_one_line_error(self.join_argv(endpoint=several.url),
+                                   "llama3:latest, qwen2:7b", "--model")
+
+    def test_hub_unreachable(self):
+        url = "http://127.0.0.1:%d" % free_port()
+        argv = self.join_argv()
+        argv[argv.index("--hub") + 1] = url
+        self.assert_one_line_error(argv, url)
+
+    def test_room_not_found_and_wrong_password(self):
+        argv = self.join_argv()
+        argv[1] = "ZZZZZZ"
+        self.assert_one_line_error(argv, "ZZZZZZ", "list")
+        status, _, answer = self.request("POST", "/rooms", {"name": "L", "password": "pw"})
+        argv[1] = answer["room"]["code"]
+        self.assert_one_line_error(argv + ["--password", "wrong"], "wrong password")
+
+    def test_usage_errors(self):
+        self.assertEqual(self.run_main("join", "--hub", self.hub.url)[0], 2)
+        self.assertEqual(self.run_main(*self.join_argv("--config", "[1]"))[0], 2)
+
+
+class TestJoinProcess(HubTestCase):
+    """``join`` as users run it: a process, stopped by a signal."""
+
+    def test_signals_leave_the_room(self):
+        code = self.create_room()
+        fake = self.backend()
+        for sig, expected in ((signal.SIGTERM, 0), (signal.SIGINT, 130)):
+            process = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "gambiarra.py"), "join", "--code", code,
+                 "--hub", self.hub.url, "--endpoint", fake.url, "--id", "proc",
+                 "--config", '{"temperature": 0.5}'],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                stdin=subprocess.DEVNULL)
+            self.addCleanup(process.kill)
+            try:
+                self.assertTrue(wait_until(
+                    lambda: self.hub.registry.participants_json(code)), process.poll())
+                participant = self.hub.registry.participants_json(code)[0]
+                self.assertEqual(participant["config"], {"temperature": 0.5})
+                self.assertEqual(self.chat(code, "proc")[0], 200)
+                process.send_signal(sig)
+                self.assertEqual(process.wait(WAIT_S), expected)
+                out, err = process.communicate()
+            finally:
+                process.stdout.close()
+                process.stderr.close()
+            self.assertEqual(out, "")
+            self.assertIn("joined room %s as " % code, err)
+            self.assertEqual(self.hub.registry.participants_json(code), [])
+
+
 # === Benchmark (python3 test_gambiarra.py bench) ===
 #
 # Not a test: it measures, it asserts nothing about speed. The hub and a fast

@@ -1908,6 +1908,11 @@ async def bench_backend_connection(reader, writer):
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET "):  # a joining agent asks for the models
+                tags = b'{"models": [{"name": "bench-model"}]}'
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(tags), tags))
+                continue
             length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
             body = json.loads(await reader.readexactly(length))
             if not body.get("stream"):
@@ -2048,7 +2053,7 @@ async def measure_throughput(port, path, clients, seconds):
     return done[0]
 
 
-async def paced_streams(port, path, streams, chunks, delay):
+async def paced_streams(port, path, streams, chunks, delay, model="bench"):
     """Run ``streams`` concurrent paced streams; return per-stream results:
     (time to first chunk, [latency of each chunk after the backend sent it],
     sequence numbers seen, ended with [DONE], error)."""
@@ -2057,7 +2062,7 @@ async def paced_streams(port, path, streams, chunks, delay):
             client = await BenchClient(port).connect()
             started = time.monotonic()
             status, received = await client.post(path, {
-                "model": "*", "stream": True, "fake": {"chunks": chunks, "delay": delay}})
+                "model": model, "stream": True, "fake": {"chunks": chunks, "delay": delay}})
             client.close()
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             return None, [], [], False, repr(exc)
@@ -2108,12 +2113,50 @@ def run_bench():
         via_hub = (hub_port, "/rooms/%s/v1/chat/completions" % code)
         direct = (backend_port, "/v1/chat/completions")
         asyncio.run(bench_all(hub.pid, via_hub, direct))
+        bench_tunnel(hub_port, code, backend_port)
         bench_http_server_backend(hub_port, code)
     finally:
         hub.terminate()
         hub.wait(WAIT_S)
         backend.stdin.close()
         backend.wait(WAIT_S)
+
+
+def bench_tunnel(hub_port, code, backend_port):
+    """A participant joined with ``gambiarra.py join`` (the tunnel) against the
+    same backend as the direct one: added first-chunk time and per-chunk delay."""
+    agent = subprocess.Popen([sys.executable, os.path.join(HERE, "gambiarra.py"), "join", code,
+                              "--hub", "http://127.0.0.1:%d" % hub_port, "--id", "tunnel",
+                              "--endpoint", "http://127.0.0.1:%d" % backend_port,
+                              "--model", "bench-model", "--max-concurrent", "64",
+                              "--no-specs"], stderr=subprocess.DEVNULL)
+    try:
+        path = "/rooms/%s/v1/chat/completions" % code
+        wait_until(lambda: b'"tunnel"' in urllib_open(
+            "http://127.0.0.1:%d/rooms/%s/participants" % (hub_port, code)).read())
+
+        async def measure():
+            firsts = {"bench": [], "tunnel": []}
+            lats = {"bench": [], "tunnel": []}
+            for _ in range(20):
+                for model in ("bench", "tunnel"):
+                    (first, latencies, _, _, _), = await paced_streams(
+                        hub_port, path, 1, 20, 0.02, model)
+                    firsts[model].append(first)
+                    lats[model].extend(latencies)
+            many = await paced_streams(hub_port, path, 64, 64, 0.02, "tunnel")
+            return firsts, lats, many
+        firsts, lats, many = asyncio.run(measure())
+        lost, errors, _ = stream_summary(many, 64)
+        print("tunnel vs direct participant: added time to first chunk %.3f ms (median), "
+              "added per chunk %.3f ms (mean); 64 concurrent tunnelled 64-chunk streams: %d "
+              "with lost or reordered chunks, %d did not end with [DONE]" % (
+                  (statistics.median(firsts["tunnel"]) - statistics.median(firsts["bench"]))
+                  * 1000, (statistics.mean(lats["tunnel"]) - statistics.mean(lats["bench"]))
+                  * 1000, lost, errors))
+    finally:
+        agent.terminate()
+        agent.wait(WAIT_S)
 
 
 def bench_http_server_backend(hub_port, code):

@@ -3366,6 +3366,25 @@ def cmd_serve(args):
               participant_timeout=args.participant_timeout, forget_after=args.forget_after,
               room_ttl=args.room_ttl, queue_timeout=args.queue_timeout,
               state_path=default_state_path(args.port) if args.state is None else args.state)
+    stop = threading.Event()
+    stopped_by = []
+
+    def on_signal(signum, frame):
+        stopped_by.append(signum)
+        stop.set()
+
+    # Handlers first: a SIGTERM that comes while the hub starts still stops it cleanly.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve_until(hub, stop, args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
+
+
+def serve_until(hub, stop, args):
+    """Start the hub, say how to use it, and serve until ``stop`` is set."""
     try:
         hub.start()
     except OSError as exc:
@@ -3375,25 +3394,15 @@ def cmd_serve(args):
                 "python3 gambiarra.py serve --port %d" % (args.port, args.port + 1))
         raise GambiarraError("cannot listen on %s:%d: %s" % (args.host, args.port,
                                                               exc.strerror or exc))
-    if not args.quiet:
-        print_banner(hub)
-    release_free_memory()
-    stop = threading.Event()
-    stopped_by = []
-
-    def on_signal(signum, frame):
-        stopped_by.append(signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
+        if not args.quiet:
+            print_banner(hub)
+        release_free_memory()
         while not stop.wait(1):
             pass
     finally:
         log.info("shutting down")
         hub.close()
-    return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
 
 
 def hub_request(hub_url, method, path, body=None, timeout=10):

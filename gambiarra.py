@@ -3405,26 +3405,17 @@ def serve_until(hub, stop, args):
         hub.close()
 
 
-def hub_request(hub_url, method, path, body=None, timeout=10):
+def hub_request(hub_url, method, path, body=None):
     """Call a management route; return the decoded JSON or raise GambiarraError."""
-    import urllib.error  # here, not at the top: the hub itself never needs them
-    import urllib.request
-    data = json_bytes(body) if body is not None else None
-    request = urllib.request.Request(hub_url.rstrip("/") + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read().decode("utf-8"))
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read().decode("utf-8"))["error"]
-        except (ValueError, KeyError, TypeError):
-            message = exc.reason
-        raise GambiarraError("the hub at %s answered %d: %s" % (hub_url, exc.code, message))
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+        status, answer = HubClient(hub_url).call(method, path, body)
+    except OSError as exc:
         raise GambiarraError("cannot reach the hub at %s (%s). Is it running? Start one with "
-                             "'python3 gambiarra.py serve' or pass --hub URL" % (hub_url, reason))
+                             "'python3 gambiarra.py serve' or pass --hub URL" % (hub_url, exc))
+    if status >= 400:
+        raise GambiarraError("the hub at %s answered %d: %s" % (
+            hub_url, status, answer.get("error") or "no reason given"))
+    return answer
 
 
 def cmd_create(args):

@@ -3356,6 +3356,24 @@ def release_free_memory():
             pass
 
 
+@contextlib.contextmanager
+def stop_signals():
+    """Collect SIGINT and SIGTERM in a list instead of raising, and restore the
+    previous handlers afterwards. Yields (event set on a signal, signals seen)."""
+    stop, seen = threading.Event(), []
+
+    def on_signal(signum, frame):
+        seen.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop, seen
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def cmd_serve(args):
     level = logging.WARNING if args.quiet else getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
@@ -3366,21 +3384,10 @@ def cmd_serve(args):
               participant_timeout=args.participant_timeout, forget_after=args.forget_after,
               room_ttl=args.room_ttl, queue_timeout=args.queue_timeout,
               state_path=default_state_path(args.port) if args.state is None else args.state)
-    stop = threading.Event()
-    stopped_by = []
-
-    def on_signal(signum, frame):
-        stopped_by.append(signum)
-        stop.set()
-
     # Handlers first: a SIGTERM that comes while the hub starts still stops it cleanly.
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_signals() as (stop, seen):
         serve_until(hub, stop, args)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
+    return 130 if seen and seen[0] == signal.SIGINT else 0
 
 
 def serve_until(hub, stop, args):
@@ -3488,24 +3495,6 @@ def status_lines_on_stderr():
         log.removeHandler(handler)
         log.setLevel(old_level)
         log.propagate = old_propagate
-
-
-@contextlib.contextmanager
-def stop_signals():
-    """Collect SIGINT and SIGTERM in a list instead of raising, and restore the
-    previous handlers afterwards. Yields (event set on a signal, signals seen)."""
-    stop, seen = threading.Event(), []
-
-    def on_signal(signum, frame):
-        seen.append(signum)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop, seen
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def cmd_join(args):

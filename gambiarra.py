@@ -1120,9 +1120,6 @@ class ClientWatcher:
             for key, _ in self._selector.select(self.grace_s):
                 if key.data is not None:
                     self._check(key.data)
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
 
     def _sync(self):
         """Drop registrations of finished relays, then add relays now due."""
@@ -1169,6 +1166,9 @@ class ClientWatcher:
         self._closed.set()
         self._wake_w.send(b"\0")
         self._thread.join(5)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
 
 class Exchange:

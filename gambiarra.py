@@ -10,12 +10,16 @@ Anyone creates a room, participants register their OpenAI-compatible servers
 them through the hub at ``http://HUB:3000/rooms/CODE/v1``::
 
     python3 gambiarra.py create "Hackathon"    # prints the room code
-    python3 gambiarra.py list                  # rooms, participants, models
+    python3 gambiarra.py list                  # the rooms of the hub
+    python3 gambiarra.py join XK7P2M           # share your local LLM server
+
+``join`` finds a local server (Ollama, LM Studio, llama.cpp, vLLM) and serves
+it through a tunnel: the hub never has to reach the participant's machine.
     python3 gambiarra.py join XK7P2M           # share your local LLM in room XK7P2M
 
 The hub keeps the HTTP API of the original Gambiarra (Bun/TypeScript), so its
 SDK, the Vercel AI SDK and the ``openai`` package work unchanged. ``import
-gambiarra`` gives ``Hub`` for scripts and tests.
+gambiarra`` gives ``Hub`` and ``Agent`` for scripts and tests.
 
 Standard library only; CPython 3.8 to 3.13. MIT licence.
 """

@@ -54,7 +54,7 @@ import time
 import urllib.parse
 
 __version__ = "0.1.0"
-__all__ = ["Hub", "Agent", "ApiError", "main", "__version__"]
+__all__ = ["Hub", "Agent", "ApiError", "GambiarraError", "main", "__version__"]
 
 log = logging.getLogger("gambiarra")
 

@@ -298,6 +298,14 @@ class HubTestCase(unittest.TestCase):
         return conn, conn.getresponse()
 
 
+def hang_up(conn, response=None):
+    """Leave like a client that gives up: FIN at once, whatever is unread."""
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    if response is not None:
+        response.close()
+    conn.close()
+
+
 def sse_events(data):
     """Split an SSE body into (event, data) pairs; comments are dropped."""
     events = []
@@ -797,11 +805,9 @@ class TestRelay(HubTestCase):
             conn.request("POST", self.chat_path, body=json.dumps(
                 {"model": "alice", "stream": True, "fake": fake}).encode())
             self.assertTrue(wait_until(lambda: len(self.fake.requests) > count))
-            conn.sock.shutdown(socket.SHUT_RDWR)
-            conn.close()
+            hang_up(conn)
             self.assertTrue(self.fake.disconnected.wait(WAIT_S), fake)
         self.assertEqual(self.request("GET", "/health")[0], 200)
-        _, _, listing = self.request("GET", "/rooms/%s/participants" % self.code)
         self.assertTrue(wait_until(lambda: self.request(
             "GET", "/rooms/%s/participants" % self.code)[2]["participants"][0]["inFlight"] == 0))
 
@@ -809,9 +815,8 @@ class TestRelay(HubTestCase):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
         conn.request("POST", self.chat_path, body=json.dumps(
             {"model": "alice", "fake": {"stall_before": True}}).encode())
-        wait_until(lambda: self.fake.requests)
-        conn.sock.shutdown(socket.SHUT_RDWR)
-        conn.close()
+        self.assertTrue(wait_until(lambda: self.fake.requests))
+        hang_up(conn)
         self.assertTrue(self.fake.disconnected.wait(WAIT_S))
 
     def test_metrics_and_events_after_a_request(self):
@@ -1180,9 +1185,7 @@ class TestTunnel(HubTestCase):
         conn, response = self.open_stream(self.path, {
             "model": "alice", "stream": True, "fake": {"chunks": 3, "stall_after": 1}})
         response.read1(65536)
-        conn.sock.shutdown(socket.SHUT_RDWR)
-        response.close()
-        conn.close()
+        hang_up(conn, response)
         self.assertTrue(wait_until(lambda: self.hub.registry.participants_json(self.code)[0]
                                    ["inFlight"] == 0))
         self.fake.release.set()
@@ -1696,9 +1699,7 @@ class TestAgent(HubTestCase):
         conn, response = self.open_stream(self.path, {
             "model": "alice", "stream": True, "fake": {"chunks": 500, "delay": 0.01}})
         response.read1(65536)
-        conn.sock.shutdown(socket.SHUT_RDWR)
-        response.close()
-        conn.close()
+        hang_up(conn, response)
         self.assertTrue(self.fake.disconnected.wait(WAIT_S))  # long before the 500th chunk
         self.assertTrue(wait_until(lambda: self.participants()[0]["inFlight"] == 0))
 

@@ -10,7 +10,9 @@ Anyone creates a room, participants register their OpenAI-compatible servers
 them through the hub at ``http://HUB:3000/rooms/CODE/v1``::
 
     python3 gambiarra.py create "Hackathon"    # prints the room code
-    python3 gambiarra.py list                  # the rooms of the hub
+    python3 gambiarra.py list                  # the rooms, participants and models
+    python3 gambiarra.py chat XK7P2M "Hello!"  # check that a room answers
+    python3 gambiarra.py monitor XK7P2M        # follow a room's events
     python3 gambiarra.py join XK7P2M           # share your local LLM server
 
 ``join`` finds a local server (Ollama, LM Studio, llama.cpp, vLLM) and serves
@@ -3570,6 +3572,8 @@ def room_lines(room):
         "  [protected]" if room.get("protected") else "")]
     if "participants" not in room:
         return lines + ["    (protected)"]
+    if not room["participants"]:
+        return lines + ["    (no participants yet)"]
     for participant in room["participants"]:
         lines.append("    %-24s %-24s %-20s %s" % (
             participant["id"], participant.get("nickname", ""), participant.get("model", ""),
@@ -3593,7 +3597,10 @@ def cmd_chat(args):
         if response.status >= 400:
             raise GambiarraError(chat_error(args, response.status,
                                             _json_or_empty(response.read())))
-        model, content = read_chat_stream(response, echo=not args.json)
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            model, content = read_chat_json(_json_or_empty(response.read()), echo=not args.json)
+        else:
+            model, content = read_chat_stream(response, echo=not args.json)
     finally:
         conn.close()
     if args.json:
@@ -3621,6 +3628,15 @@ def chat_error(args, status, answer):
         return ("room %s not found on %s. See the rooms with: python3 gambiarra.py list"
                 % (args.code, args.hub))
     return "room %s answered %d: %s" % (args.code, status, message)
+
+
+def read_chat_json(answer, echo):
+    """A whole answer at once: some servers ignore "stream": true."""
+    choices = answer.get("choices") or [{}]
+    content = (choices[0].get("message") or {}).get("content") or ""
+    if echo:
+        sys.stdout.write(content)
+    return answer.get("model"), content
 
 
 def read_chat_stream(response, echo):

@@ -1639,10 +1639,15 @@ class TestClientCommands(HubTestCase):
         self.assertIn("models: fake-model", out)
         self.assertIn("(protected)", out)
         self.assertNotIn("bob", out)
+        self.assertNotIn("(no participants yet)", out)
         status, out, _ = self.run_main("list", "--hub", self.hub.url, "--password", PASSWORD)
         self.assertEqual(status, 0)
         self.assertRegex(out, r"bob +Bob +fake-model +online")
         self.assertNotIn("(protected)", out)
+
+    def test_list_says_when_a_room_is_empty(self):
+        status, out, _ = self.run_main("list", "--hub", self.hub.url, "--password", PASSWORD)
+        self.assertEqual((status, out.count("(no participants yet)")), (0, 2))
 
     def test_list_json_adds_readable_participants(self):
         self.join_both()
@@ -1746,6 +1751,25 @@ class TestClientCommands(HubTestCase):
         time.sleep(0.3)  # several attempts with a 0.05 s backoff
         self.assertEqual(err.getvalue().count("retrying"), 1, err.getvalue())
         self.assertTrue(thread.is_alive())
+
+    def test_chat_accepts_an_answer_that_is_not_streamed(self):
+        answer = {"model": "m", "choices": [{"message": {"content": "whole"}}]}
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            self.assertEqual(gambiarra.read_chat_json(answer, echo=True), ("m", "whole"))
+        self.assertEqual(out.getvalue(), "whole")
+
+    def test_monitor_process_stops_on_signals(self):
+        for sig, expected in ((signal.SIGINT, 130), (signal.SIGTERM, 0)):
+            process = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "gambiarra.py"), "monitor", self.code,
+                 "--hub", self.hub.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                universal_newlines=True)
+            self.addCleanup(process.kill)
+            self.addCleanup(process.stdout.close)
+            self.addCleanup(process.stderr.close)
+            self.assertIn("connected", process.stdout.readline())
+            process.send_signal(sig)
+            self.assertEqual(process.wait(WAIT_S), expected)
 
     def test_monitor_of_an_unknown_or_locked_room_is_exit_1(self):
         for argv, expected in ((["NOPE99"], "Room not found"), ([self.locked], "--password")):

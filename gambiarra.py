@@ -3740,12 +3740,14 @@ class RoomFollower:
         delay = self.backoff_min_s
         while not self.stop.is_set():
             try:
-                reason = self.follow() or "the event stream ended"
+                self.follow()
+                reason = "the event stream ended"
             except (OSError, http.client.HTTPException) as exc:
                 reason = "cannot reach the hub at %s (%s)" % (self.hub.url, exc)
             except GambiarraError as exc:
                 self.fatal = str(exc)
-                self.say("error: %s" % exc)
+                if self.prefix:  # one room among several; main() reports a lone room's
+                    self.say("error: %s" % exc)
                 return
             if self.stop.is_set():
                 return
@@ -3770,9 +3772,11 @@ class RoomFollower:
             conn.request("GET", self.hub.path("/rooms/%s/events" % quote_segment(self.code)),
                          headers=bearer_header(self.password))
             response = conn.getresponse()
-            if response.status != 200:
+            if response.status in (401, 403, 404):  # waiting will not help
                 raise GambiarraError(self.refusal(response.status,
                                                   _json_or_empty(response.read())))
+            if response.status != 200:  # a restarting hub or a proxy: try again
+                raise OSError("the hub answered %d" % response.status)
             self.connected = True
             if self.trouble is not None:
                 self.say("room %s: following again" % self.code)

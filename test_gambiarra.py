@@ -1671,10 +1671,12 @@ class TestClientCommands(HubTestCase):
         self.assertEqual(json.loads(out), {"model": "fake-model", "content": "tok0 tok1 tok2 "})
 
     def test_chat_failures_are_one_line_and_exit_1(self):
+        self.join(self.locked, self.fake, pid="bob", password=PASSWORD)
         cases = [(("NOPE99",), "not found"),
                  ((self.locked,), "--password"),
                  ((self.locked, "--password", "wrong"), "Invalid password"),
-                 ((self.code,), "No participant is online")]
+                 ((self.code,), "No participant is online"),
+                 ((self.locked, "--password", PASSWORD, "--model", "nope"), "fake-model")]
         for extra, expected in cases:
             status, out, err = self.run_main("chat", extra[0], "hi", "--hub", self.hub.url,
                                              *extra[1:])
@@ -1774,7 +1776,8 @@ class TestClientCommands(HubTestCase):
     def test_monitor_of_an_unknown_or_locked_room_is_exit_1(self):
         for argv, expected in ((["NOPE99"], "Room not found"), ([self.locked], "--password")):
             status, out, err = self.run_main("monitor", "--hub", self.hub.url, *argv)
-            self.assertEqual(status, 1, err)
+            self.assertEqual((status, out), (1, ""), err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
             self.assertIn(expected, err)
 
 

@@ -10,7 +10,9 @@ Anyone creates a room, participants register their OpenAI-compatible servers
 them through the hub at ``http://HUB:3000/rooms/CODE/v1``::
 
     python3 gambiarra.py create "Hackathon"    # prints the room code
-    python3 gambiarra.py list                  # the rooms of the hub
+    python3 gambiarra.py list                  # the rooms, participants and models
+    python3 gambiarra.py chat XK7P2M "Hello!"  # check that a room answers
+    python3 gambiarra.py monitor XK7P2M        # follow a room's events
     python3 gambiarra.py join XK7P2M           # share your local LLM server
 
 ``join`` finds a local server (Ollama, LM Studio, llama.cpp, vLLM) and serves
@@ -2763,9 +2765,10 @@ class HubClient:
     def path(self, path):
         return self.parts.path.rstrip("/") + path
 
-    def call(self, method, path, body=None, secret=None, timeout=HUB_CALL_TIMEOUT_S):
+    def call(self, method, path, body=None, secret=None, timeout=HUB_CALL_TIMEOUT_S,
+             password=None):
         """One request; OSError when the hub cannot be reached."""
-        headers = {"Content-Type": "application/json"}
+        headers = dict({"Content-Type": "application/json"}, **bearer_header(password))
         if secret:
             headers["X-Gambiarra-Secret"] = secret
         conn = self.connection(timeout)
@@ -2778,6 +2781,12 @@ class HubClient:
             raise OSError("bad answer from the hub (%s)" % exc.__class__.__name__)
         finally:
             conn.close()
+
+
+def bearer_header(password):
+    """The room password as a Bearer header, in UTF-8 bytes: http.client would
+    encode a str as latin-1, and the hub compares the password's UTF-8 bytes."""
+    return {"Authorization": b"Bearer " + password.encode("utf-8")} if password else {}
 
 
 def _json_or_empty(data):
@@ -3197,6 +3206,30 @@ EPILOG_SERVE = """examples:
 """
 
 
+EPILOG_LIST = """examples:
+  python3 gambiarra.py list --hub http://192.168.1.20:3000
+  python3 gambiarra.py list --password 'correct horse'   # also shows a protected room
+  python3 gambiarra.py list --json | jq '.rooms[].participants'
+"""
+
+EPILOG_CHAT = """examples:
+  python3 gambiarra.py chat XK7P2M "Say hello in Portuguese"
+  python3 gambiarra.py chat XK7P2M "2+2?" --model llama3 --password 'correct horse'
+  python3 gambiarra.py chat XK7P2M "hi" --json      # {"model": ..., "content": ...}
+
+Exits 1 with one line on stderr when the room is unknown, the password is wrong
+or no participant serves the model.
+"""
+
+EPILOG_MONITOR = """examples:
+  python3 gambiarra.py monitor XK7P2M               # one room
+  python3 gambiarra.py monitor                      # every room, lines start with the code
+  python3 gambiarra.py monitor XK7P2M --json        # one JSON object per line
+
+Reconnects by itself when the hub restarts. Ctrl-C stops.
+"""
+
+
 def positive_int(text):
     value = int(text)
     if value <= 0:
@@ -3271,13 +3304,52 @@ def build_parser():
     create.add_argument("--json", action="store_true", help="print the hub's answer as JSON")
     create.set_defaults(func=cmd_create)
 
-    rooms = commands.add_parser("list", help="list rooms",
-                                description="List the rooms of a hub.")
+    rooms = commands.add_parser(
+        "list", help="list rooms, their participants and models", epilog=EPILOG_LIST,
+        description="List the rooms of a hub with their participants and models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_hub_argument(rooms)
-    rooms.add_argument("--json", action="store_true", help="print the hub's answer as JSON")
+    add_password_argument(rooms)
+    rooms.add_argument("--json", action="store_true",
+                       help="print the rooms as JSON, with their participants when readable")
     rooms.set_defaults(func=cmd_list)
     add_join_parser(commands)
+    add_chat_parser(commands)
+    add_monitor_parser(commands)
     return parser
+
+
+def add_chat_parser(commands):
+    chat = commands.add_parser(
+        "chat", help="ask a room one question", epilog=EPILOG_CHAT,
+        description="Send one prompt to a room and print the answer as it streams: "
+                    "the quickest check that a room works.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat.add_argument("code", help="room code, like XK7P2M")
+    chat.add_argument("prompt", help="what to ask")
+    chat.add_argument("--model", default="*",
+                      help="participant id, model:NAME, a model name or * (default: %(default)s)")
+    add_password_argument(chat)
+    add_hub_argument(chat)
+    chat.add_argument("--json", action="store_true",
+                      help='print only {"model", "content"} as JSON at the end')
+    chat.set_defaults(func=cmd_chat)
+
+
+def add_monitor_parser(commands):
+    watch = commands.add_parser(
+        "monitor", help="follow the events of rooms", epilog=EPILOG_MONITOR,
+        description="Print one line per event of a room (joins, leaves, requests, "
+                    "errors), or of every room of the hub, until Ctrl-C.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    watch.add_argument("code", nargs="?", default=None,
+                       help="room code (default: every room the hub lists now)")
+    add_password_argument(watch)
+    add_hub_argument(watch)
+    watch.add_argument("--json", action="store_true",
+                       help='one JSON object per line: {"event", "data"} (and "room" '
+                            'when following every room)')
+    watch.set_defaults(func=cmd_monitor)
 
 
 def json_object(text):
@@ -3416,17 +3488,41 @@ def serve_until(hub, stop, args):
         hub.close()
 
 
-def hub_request(hub_url, method, path, body=None):
-    """Call a management route; return the decoded JSON or raise GambiarraError."""
+def hub_call(hub_url, method, path, body=None, password=None, timeout=HUB_CALL_TIMEOUT_S):
+    """Call a route; return (status, decoded JSON), or raise GambiarraError
+    when the hub cannot be reached."""
     try:
-        status, answer = HubClient(hub_url).call(method, path, body)
+        return HubClient(hub_url).call(method, path, body, timeout=timeout, password=password)
     except OSError as exc:
-        raise GambiarraError("cannot reach the hub at %s (%s). Is it running? Start one with "
-                             "'python3 gambiarra.py serve' or pass --hub URL" % (hub_url, exc))
+        raise GambiarraError(unreachable_hub(hub_url, exc))
+
+
+def unreachable_hub(hub_url, exc):
+    return ("cannot reach the hub at %s (%s). Is it running? Start one with "
+            "'python3 gambiarra.py serve' or pass --hub URL" % (hub_url, exc))
+
+
+def hub_request(hub_url, method, path, body=None, password=None):
+    """Call a management route; return the decoded JSON or raise GambiarraError."""
+    status, answer = hub_call(hub_url, method, path, body, password)
     if status >= 400:
         raise GambiarraError("the hub at %s answered %d: %s" % (
-            hub_url, status, answer.get("error") or "no reason given"))
+            hub_url, status, error_message(answer)))
     return answer
+
+
+def error_message(answer):
+    """The message of a management error {"error": "..."} or of an OpenAI-shaped
+    one {"error": {"message": ...}}."""
+    error = answer.get("error")
+    if isinstance(error, dict):
+        error = error.get("message")
+    return error or "no reason given"
+
+
+def add_password_argument(parser):
+    parser.add_argument("--password", default=os.environ.get("GAMBIARRA_PASSWORD"),
+                        help="the room's password (default: $GAMBIARRA_PASSWORD)")
 
 
 def cmd_create(args):
@@ -3447,15 +3543,307 @@ def cmd_create(args):
 
 def cmd_list(args):
     answer = hub_request(args.hub, "GET", "/rooms")
+    for room in answer["rooms"]:
+        participants = room_participants(args.hub, room["code"], args.password)
+        if participants is not None:
+            room["participants"] = participants
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0
     if not answer["rooms"]:
         print("No rooms yet. Create one: python3 gambiarra.py create NAME", file=sys.stderr)
     for room in answer["rooms"]:
-        print("%s  %-30s %d participant(s)" % (room["code"], room["name"],
-                                               room["participantCount"]))
+        print("\n".join(room_lines(room)))
     return 0
+
+
+def room_participants(hub_url, code, password):
+    """The participants of a room, or None when the room is protected and the
+    password is missing or wrong (a listing shows what it can, it does not fail)."""
+    status, answer = hub_call(hub_url, "GET", "/rooms/%s/participants" % quote_segment(code),
+                              password=password)
+    return answer.get("participants", []) if status == 200 else None
+
+
+def room_lines(room):
+    """A room as text: a header line, then one line per participant and its models."""
+    lines = ["%s  %-30s %d participant(s)%s" % (
+        room["code"], room["name"], room["participantCount"],
+        "  [protected]" if room.get("protected") else "")]
+    if "participants" not in room:
+        return lines + ["    (protected)"]
+    if not room["participants"]:
+        return lines + ["    (no participants yet)"]
+    for participant in room["participants"]:
+        lines.append("    %-24s %-24s %-20s %s" % (
+            participant["id"], participant.get("nickname", ""), participant.get("model", ""),
+            participant.get("status", "")))
+    models = sorted({p.get("model") for p in room["participants"] if p.get("model")})
+    if models:
+        lines.append("    models: %s" % ", ".join(models))
+    return lines
+
+
+# --- chat: the quickest check that a room answers ---
+
+def cmd_chat(args):
+    body = {"model": args.model, "stream": True,
+            "messages": [{"role": "user", "content": args.prompt}]}
+    path = "/rooms/%s/v1/chat/completions" % quote_segment(args.code)
+    client = HubClient(args.hub)
+    conn = client.connection(timeout=DEFAULT_BACKEND_TIMEOUT_S)
+    try:
+        response = open_chat(client, conn, path, body, args.password)
+        if response.status >= 400:
+            raise GambiarraError(chat_error(args, response.status,
+                                            _json_or_empty(response.read())))
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            model, content = read_chat_json(_json_or_empty(response.read()), echo=not args.json)
+        else:
+            model, content = read_chat_stream(response, echo=not args.json)
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps({"model": model, "content": content}))
+    else:
+        print(flush=True)
+    return 0
+
+
+def open_chat(client, conn, path, body, password):
+    headers = dict({"Content-Type": "application/json"}, **bearer_header(password))
+    try:
+        conn.request("POST", client.path(path), body=json_bytes(body), headers=headers)
+        return conn.getresponse()
+    except (OSError, http.client.HTTPException) as exc:
+        raise GambiarraError(unreachable_hub(client.url, exc))
+
+
+def chat_error(args, status, answer):
+    """One line saying what went wrong and what to do."""
+    message = error_message(answer)
+    if status == 401:
+        return "room %s: %s. Pass --password or set GAMBIARRA_PASSWORD" % (args.code, message)
+    if status == 404 and message == "Room not found":
+        return ("room %s not found on %s. See the rooms with: python3 gambiarra.py list"
+                % (args.code, args.hub))
+    return "room %s answered %d: %s" % (args.code, status, message)
+
+
+def read_chat_json(answer, echo):
+    """A whole answer at once: some servers ignore "stream": true."""
+    choices = answer.get("choices") or [{}]
+    content = (choices[0].get("message") or {}).get("content") or ""
+    if echo:
+        sys.stdout.write(content)
+    return answer.get("model"), content
+
+
+def read_chat_stream(response, echo):
+    """Read an OpenAI SSE stream up to [DONE]; print each token as it comes when
+    ``echo``. Returns (model, whole answer); an error event raises GambiarraError."""
+    model, pieces = None, []
+    for raw in response:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            break
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            raise GambiarraError("the hub sent a line that is not JSON: %r" % payload[:80])
+        if "error" in event:
+            raise GambiarraError("the answer broke off: %s" % error_message(event))
+        model = event.get("model") or model
+        for choice in event.get("choices") or []:
+            token = (choice.get("delta") or {}).get("content") or ""
+            pieces.append(token)
+            if echo and token:
+                sys.stdout.write(token)
+                sys.stdout.flush()
+    return model, "".join(pieces)
+
+
+# --- monitor: follow the events of rooms ---
+
+#: Fields of an event worth a column, in this order.
+MONITOR_FIELDS = ("participantId", "id", "nickname", "model", "status", "reason", "ttftMs",
+                  "tokensPerSecond", "tokens", "error")
+MONITOR_BACKOFF_MIN_S = 0.5
+MONITOR_BACKOFF_MAX_S = 15.0
+#: Silence after which a stream counts as dead: three missed keep-alives.
+MONITOR_SILENCE_S = 3 * SSE_KEEPALIVE_S
+
+
+def cmd_monitor(args):
+    with stop_signals() as (stop, seen):
+        monitor(args, stop)
+    return 130 if seen and seen[0] == signal.SIGINT else 0
+
+
+def monitor(args, stop, backoff_min_s=MONITOR_BACKOFF_MIN_S):
+    """Print the events of one room (args.code) or of every room the hub lists,
+    one thread per room, until ``stop`` is set or no room is left to follow."""
+    codes = [args.code] if args.code else [
+        room["code"] for room in hub_request(args.hub, "GET", "/rooms")["rooms"]]
+    if not codes:
+        raise GambiarraError("the hub at %s has no rooms to monitor. Create one: "
+                             "python3 gambiarra.py create NAME" % args.hub)
+    printer = threading.Lock()
+    followers = [RoomFollower(args, code, printer, stop, prefix=not args.code,
+                              backoff_min_s=backoff_min_s) for code in codes]
+    for follower in followers:
+        follower.start()
+    try:
+        while not stop.wait(0.1) and any(f.thread.is_alive() for f in followers):
+            pass
+    finally:
+        stop.set()
+        for follower in followers:
+            follower.close()
+    if args.code and followers[0].fatal:
+        raise GambiarraError(followers[0].fatal)
+
+
+class RoomFollower:
+    """One room's event stream in a thread: reconnects with backoff when the
+    stream ends or the hub goes away, and gives up on a room that is gone or
+    refuses the password (``fatal`` says why)."""
+
+    def __init__(self, args, code, printer, stop, prefix, backoff_min_s):
+        self.hub, self.code, self.password = HubClient(args.hub), code, args.password
+        self.as_json, self.prefix = args.json, prefix
+        self.printer, self.stop = printer, stop
+        self.backoff_min_s = backoff_min_s
+        self.fatal = None
+        self.connected, self.trouble = False, None
+        self._lock = threading.Lock()
+        self._sock = None
+        self.thread = threading.Thread(target=self.run, name="monitor-" + code, daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def close(self):
+        """Wake the thread from its blocking read, then wait for it."""
+        self.stop.set()
+        with self._lock:
+            sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join()
+
+    def run(self):
+        delay = self.backoff_min_s
+        while not self.stop.is_set():
+            try:
+                self.follow()
+                reason = "the event stream ended"
+            except (OSError, http.client.HTTPException) as exc:
+                reason = "cannot reach the hub at %s (%s)" % (self.hub.url, exc)
+            except GambiarraError as exc:
+                self.fatal = str(exc)
+                if self.prefix:  # one room among several; main() reports a lone room's
+                    self.say("error: %s" % exc)
+                return
+            if self.stop.is_set():
+                return
+            if self.connected:
+                delay = self.backoff_min_s
+            if self.trouble is None:  # said once per outage, not per attempt
+                self.say("room %s: %s; retrying" % (self.code, reason))
+            self.trouble = reason
+            self.stop.wait(delay)
+            delay = min(delay * 2, MONITOR_BACKOFF_MAX_S)
+
+    def follow(self):
+        """Read one connection's events until it ends."""
+        self.connected = False
+        conn = self.hub.connection(timeout=MONITOR_SILENCE_S)
+        conn.connect()  # before close() can see it: it shuts the socket down
+        with self._lock:  # the socket, as the connection drops it when a response ends it
+            self._sock = conn.sock
+        try:
+            if self.stop.is_set():
+                return
+            conn.request("GET", self.hub.path("/rooms/%s/events" % quote_segment(self.code)),
+                         headers=bearer_header(self.password))
+            response = conn.getresponse()
+            if response.status in (401, 403, 404):  # waiting will not help
+                raise GambiarraError(self.refusal(response.status,
+                                                  _json_or_empty(response.read())))
+            if response.status != 200:  # a restarting hub or a proxy: try again
+                raise OSError("the hub answered %d" % response.status)
+            self.connected = True
+            if self.trouble is not None:
+                self.say("room %s: following again" % self.code)
+                self.trouble = None
+            for name, data in sse_stream(response):
+                self.show(name, data)
+        finally:
+            with self._lock:
+                self._sock = None
+            conn.close()
+
+    def refusal(self, status, answer):
+        hint = {401: ". Pass --password or set GAMBIARRA_PASSWORD",
+                404: ". See the rooms with: python3 gambiarra.py list"}.get(status, "")
+        return "room %s: %s%s" % (self.code, error_message(answer), hint)
+
+    def show(self, name, data):
+        if self.as_json:
+            record = {"event": name, "data": data}
+            if self.prefix:
+                record["room"] = self.code
+            line = json.dumps(record)
+        else:
+            line = event_line(name, data, self.code if self.prefix else None)
+        with self.printer:
+            print(line, flush=True)
+
+    def say(self, text):
+        with self.printer:
+            print(text, file=sys.stderr, flush=True)
+
+
+def sse_stream(response):
+    """Yield (event name, decoded data) from a text/event-stream; comments
+    (keep-alives) are skipped."""
+    name, data = "message", []
+    for raw in response:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield name, _json_or_text("\n".join(data))
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+
+
+def _json_or_text(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def event_line(name, data, room=None):
+    """One readable line: time, [room,] event and its interesting fields."""
+    parts = [time.strftime("%H:%M:%S")] + ([room] if room else []) + ["%-20s" % name]
+    if isinstance(data, dict):
+        for key in MONITOR_FIELDS:
+            value = data.get(key)
+            if value is not None:
+                parts.append("%s=%s" % (key, value if isinstance(value, (str, int, float))
+                                        else json.dumps(value)))
+    else:
+        parts.append(str(data))
+    return " ".join(parts).rstrip()
 
 
 def default_nickname():

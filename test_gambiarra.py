@@ -1615,6 +1615,175 @@ class TestCli(unittest.TestCase):
         self.assertEqual(len(err.strip().splitlines()), 1)
 
 
+class TestClientCommands(HubTestCase):
+    """list, chat and monitor in-process against a real hub and a fake backend."""
+
+    run_main = TestCli.run_main
+
+    def setUp(self):
+        super().setUp()
+        saved = os.environ.pop("GAMBIARRA_PASSWORD", None)  # a developer's own must not leak in
+        if saved is not None:
+            self.addCleanup(os.environ.__setitem__, "GAMBIARRA_PASSWORD", saved)
+        self.code = self.create_room("Open")
+        status, _, answer = self.request("POST", "/rooms", {"name": "Lab", "password": PASSWORD})
+        self.locked = answer["room"]["code"]
+        self.fake = self.backend()
+
+    def join_both(self):
+        self.join(self.code, self.fake)
+        self.join(self.locked, self.fake, pid="bob", password=PASSWORD)
+
+    def test_list_shows_participants_and_models(self):
+        self.join_both()
+        status, out, _ = self.run_main("list", "--hub", self.hub.url)
+        self.assertEqual(status, 0)
+        self.assertRegex(out, r"alice +Alice +fake-model +online")
+        self.assertIn("models: fake-model", out)
+        self.assertIn("(protected)", out)
+        self.assertNotIn("bob", out)
+        self.assertNotIn("(no participants yet)", out)
+        status, out, _ = self.run_main("list", "--hub", self.hub.url, "--password", PASSWORD)
+        self.assertEqual(status, 0)
+        self.assertRegex(out, r"bob +Bob +fake-model +online")
+        self.assertNotIn("(protected)", out)
+
+    def test_list_says_when_a_room_is_empty(self):
+        status, out, _ = self.run_main("list", "--hub", self.hub.url, "--password", PASSWORD)
+        self.assertEqual((status, out.count("(no participants yet)")), (0, 2))
+
+    def test_list_json_adds_readable_participants(self):
+        self.join_both()
+        status, out, _ = self.run_main("list", "--json", "--hub", self.hub.url)
+        rooms = {room["code"]: room for room in json.loads(out)["rooms"]}
+        self.assertEqual(status, 0)
+        self.assertEqual([p["id"] for p in rooms[self.code]["participants"]], ["alice"])
+        self.assertNotIn("participants", rooms[self.locked])
+        out = self.run_main("list", "--json", "--hub", self.hub.url, "--password", PASSWORD)[1]
+        rooms = {room["code"]: room for room in json.loads(out)["rooms"]}
+        self.assertEqual([p["id"] for p in rooms[self.locked]["participants"]], ["bob"])
+
+    def test_chat_prints_the_streamed_answer(self):
+        self.join_both()
+        status, out, err = self.run_main("chat", self.code.lower(), "hi", "--hub", self.hub.url)
+        self.assertEqual((status, out, err), (0, "tok0 tok1 tok2 \n", ""))
+        self.assertTrue(self.fake.last_body()["stream"])
+        status, out, _ = self.run_main("chat", self.locked, "hi", "--json", "--model", "bob",
+                                       "--hub", self.hub.url, "--password", PASSWORD)
+        self.assertEqual(status, 0)
+        self.assertEqual(json.loads(out), {"model": "fake-model", "content": "tok0 tok1 tok2 "})
+
+    def test_chat_failures_are_one_line_and_exit_1(self):
+        self.join(self.locked, self.fake, pid="bob", password=PASSWORD)
+        cases = [(("NOPE99",), "not found"),
+                 ((self.locked,), "--password"),
+                 ((self.locked, "--password", "wrong"), "Invalid password"),
+                 ((self.code,), "No participant is online"),
+                 ((self.locked, "--password", PASSWORD, "--model", "nope"), "fake-model")]
+        for extra, expected in cases:
+            status, out, err = self.run_main("chat", extra[0], "hi", "--hub", self.hub.url,
+                                             *extra[1:])
+            self.assertEqual((status, out), (1, ""), err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn(expected, err)
+
+    def test_an_error_event_mid_stream_is_an_error(self):
+        CapturedLogs(self)  # the hub reports the broken answer in its log
+        self.join(self.code, self.fake)
+        conn, response = self.open_stream("/rooms/%s/v1/chat/completions" % self.code, {
+            "model": "*", "stream": True, "fake": {"chunks": 5, "die_after": 2}})
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            with self.assertRaisesRegex(gambiarra.GambiarraError, "broke off"):
+                gambiarra.read_chat_stream(response, echo=True)
+        self.assertEqual(out.getvalue(), "tok0 tok1 ")
+
+    def start_monitor(self, *argv):
+        """monitor() in a thread, printing into a StringIO: (stop, out, err, thread)."""
+        args = gambiarra.build_parser().parse_args(["monitor", "--hub", self.hub.url] +
+                                                   list(argv))
+        stop, out, err = threading.Event(), io.StringIO(), io.StringIO()
+        redirect = contextlib.ExitStack()
+        redirect.enter_context(contextlib.redirect_stdout(out))
+        redirect.enter_context(contextlib.redirect_stderr(err))
+        thread = threading.Thread(target=gambiarra.monitor, args=(args, stop),
+                                  kwargs={"backoff_min_s": 0.05})
+        thread.start()
+
+        def finish():
+            stop.set()
+            thread.join(WAIT_S)
+            redirect.close()
+        self.addCleanup(finish)
+        return stop, out, err, thread
+
+    def test_monitor_prints_joins_and_requests(self):
+        stop, out, _, thread = self.start_monitor(self.code)
+        self.assertTrue(wait_until(lambda: "connected" in out.getvalue()))
+        self.join(self.code, self.fake)
+        conn, response = self.open_stream("/rooms/%s/v1/chat/completions" % self.code, {
+            "model": "alice", "stream": True, "fake": {"chunks": 3, "delay": 0.01}})
+        self.assertIn(b"[DONE]", response.read())
+        self.assertTrue(wait_until(lambda: "llm:complete" in out.getvalue()))
+        stop.set()
+        thread.join(WAIT_S)
+        self.assertFalse(thread.is_alive())
+        lines = out.getvalue().splitlines()
+        joined = [line for line in lines if "participant:joined" in line][0]
+        for field in ("id=alice", "nickname=Alice", "model=fake-model", "status=online"):
+            self.assertIn(field, joined)
+        self.assertTrue([line for line in lines if "llm:request" in line])
+        complete = [line for line in lines if "llm:complete" in line][0]
+        self.assertIn("ttftMs=", complete)
+        self.assertIn("tokensPerSecond=", complete)
+
+    def test_monitor_json_lines_and_every_room(self):
+        stop, out, _, thread = self.start_monitor("--json", "--password", PASSWORD)
+        self.assertTrue(wait_until(lambda: out.getvalue().count("connected") == 2))
+        self.join_both()
+        self.assertTrue(wait_until(lambda: out.getvalue().count("participant:joined") == 2))
+        stop.set()
+        thread.join(WAIT_S)
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
+        joins = {(r["room"], r["data"]["id"]) for r in records
+                 if r["event"] == "participant:joined"}
+        self.assertEqual(joins, {(self.code, "alice"), (self.locked, "bob")})
+
+    def test_monitor_retries_when_the_hub_goes_and_says_so_once(self):
+        stop, out, err, thread = self.start_monitor(self.code)
+        self.assertTrue(wait_until(lambda: "connected" in out.getvalue()))
+        self.hub.close()
+        self.assertTrue(wait_until(lambda: "retrying" in err.getvalue()))
+        time.sleep(0.3)  # several attempts with a 0.05 s backoff
+        self.assertEqual(err.getvalue().count("retrying"), 1, err.getvalue())
+        self.assertTrue(thread.is_alive())
+
+    def test_chat_accepts_an_answer_that_is_not_streamed(self):
+        answer = {"model": "m", "choices": [{"message": {"content": "whole"}}]}
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            self.assertEqual(gambiarra.read_chat_json(answer, echo=True), ("m", "whole"))
+        self.assertEqual(out.getvalue(), "whole")
+
+    def test_monitor_process_stops_on_signals(self):
+        for sig, expected in ((signal.SIGINT, 130), (signal.SIGTERM, 0)):
+            process = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "gambiarra.py"), "monitor", self.code,
+                 "--hub", self.hub.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                universal_newlines=True)
+            self.addCleanup(process.kill)
+            self.addCleanup(process.stdout.close)
+            self.addCleanup(process.stderr.close)
+            self.assertIn("connected", process.stdout.readline())
+            process.send_signal(sig)
+            self.assertEqual(process.wait(WAIT_S), expected)
+
+    def test_monitor_of_an_unknown_or_locked_room_is_exit_1(self):
+        for argv, expected in ((["NOPE99"], "Room not found"), ([self.locked], "--password")):
+            status, out, err = self.run_main("monitor", "--hub", self.hub.url, *argv)
+            self.assertEqual((status, out), (1, ""), err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn(expected, err)
+
+
 class TestServeProcess(unittest.TestCase):
     """``serve`` as users run it: a process, stopped by a signal."""
 

@@ -924,10 +924,12 @@ class TestBusyParticipants(HubTestCase):
         self.join(self.code, self.fake, maxConcurrent=1)
         first = self.send("alice", 1)
         self.assertTrue(wait_until(lambda: self.tags_seen() == [1]))
-        later = [self.send("fake-model", 2, stall=False), self.send("*", 3, stall=False)]
+        waiting = self.hub.registry._rooms[self.code].waiting
+        later = []
+        for tag, model in ((2, "fake-model"), (3, "*")):  # one after the other reaches the hub
+            later.append(self.send(model, tag, stall=False))
+            self.assertTrue(wait_until(lambda: len(waiting) == tag - 1))
         # Both wait in the hub: the backend still sees one request only.
-        self.assertTrue(wait_until(lambda: len(self.hub.registry._rooms[self.code].waiting)
-                                   == 2))
         _, _, listing = self.request("GET", "/rooms/%s/participants" % self.code)
         self.assertEqual((listing["participants"][0]["status"],
                           listing["participants"][0]["inFlight"]), ("busy", 1))

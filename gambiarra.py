@@ -3206,6 +3206,12 @@ EPILOG_SERVE = """examples:
 """
 
 
+EPILOG_CREATE = """examples:
+  python3 gambiarra.py create "Hackathon" --hub http://192.168.1.20:3000
+  python3 gambiarra.py create "Lab" --password 'correct horse'   # a protected room
+  python3 gambiarra.py create --json                            # the hub's whole answer
+"""
+
 EPILOG_LIST = """examples:
   python3 gambiarra.py list --hub http://192.168.1.20:3000
   python3 gambiarra.py list --password 'correct horse'   # also shows a protected room
@@ -3295,8 +3301,10 @@ def build_parser():
                             "$XDG_STATE_HOME/gambiarra/hub-PORT.json; '' keeps none)")
     serve.set_defaults(func=cmd_serve)
 
-    create = commands.add_parser("create", help="create a room",
-                                 description="Create a room on a hub and print its code.")
+    create = commands.add_parser(
+        "create", help="create a room", epilog=EPILOG_CREATE,
+        description="Create a room on a hub and print its code.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     create.add_argument("name", nargs="?", default=None, help="room name")
     create.add_argument("--password", default=None,
                         help="protect the room: joining and using it will need this password")
@@ -3679,11 +3687,42 @@ MONITOR_SILENCE_S = 3 * SSE_KEEPALIVE_S
 
 def cmd_monitor(args):
     with stop_signals() as (stop, seen):
-        monitor(args, stop)
+        if sys.stdout.isatty() and not args.json and curses_available():
+            import curses
+            curses.wrapper(lambda window: monitor_on_screen(window, args, stop))
+        else:
+            monitor(args, stop)
     return 130 if seen and seen[0] == signal.SIGINT else 0
 
 
-def monitor(args, stop, backoff_min_s=MONITOR_BACKOFF_MIN_S):
+def curses_available():
+    try:
+        import curses  # noqa: F401 (missing on Windows)
+    except ImportError:
+        return False
+    return True
+
+
+def monitor_on_screen(window, args, stop):
+    """The live view of a terminal: participants on top, recent events below,
+    redrawn twice a second until Ctrl-C."""
+    screen = MonitorScreen(args.hub)
+    codes = [args.code] if args.code else [
+        room["code"] for room in hub_request(args.hub, "GET", "/rooms")["rooms"]]
+    for code in codes:  # who is there already, before any event says so
+        for participant in room_participants(args.hub, code, args.password) or ():
+            screen.seed(code.upper(), participant)
+    window.nodelay(True)
+    worker = threading.Thread(target=monitor, args=(args, stop), kwargs={"sink": screen},
+                              name="monitor", daemon=True)
+    worker.start()
+    while not stop.wait(0.5) and worker.is_alive():
+        screen.render(window)
+    stop.set()
+    worker.join(5)
+
+
+def monitor(args, stop, backoff_min_s=MONITOR_BACKOFF_MIN_S, sink=None):
     """Print the events of one room (args.code) or of every room the hub lists,
     one thread per room, until ``stop`` is set or no room is left to follow."""
     codes = [args.code] if args.code else [
@@ -3691,8 +3730,8 @@ def monitor(args, stop, backoff_min_s=MONITOR_BACKOFF_MIN_S):
     if not codes:
         raise GambiarraError("the hub at %s has no rooms to monitor. Create one: "
                              "python3 gambiarra.py create NAME" % args.hub)
-    printer = threading.Lock()
-    followers = [RoomFollower(args, code, printer, stop, prefix=not args.code,
+    sink = sink or PrintedEvents(args.json)
+    followers = [RoomFollower(args, code, sink, stop, prefix=not args.code,
                               backoff_min_s=backoff_min_s) for code in codes]
     for follower in followers:
         follower.start()
@@ -3712,10 +3751,10 @@ class RoomFollower:
     stream ends or the hub goes away, and gives up on a room that is gone or
     refuses the password (``fatal`` says why)."""
 
-    def __init__(self, args, code, printer, stop, prefix, backoff_min_s):
+    def __init__(self, args, code, sink, stop, prefix, backoff_min_s):
         self.hub, self.code, self.password = HubClient(args.hub), code, args.password
-        self.as_json, self.prefix = args.json, prefix
-        self.printer, self.stop = printer, stop
+        self.prefix = prefix
+        self.sink, self.stop = sink, stop
         self.backoff_min_s = backoff_min_s
         self.fatal = None
         self.connected, self.trouble = False, None
@@ -3794,19 +3833,113 @@ class RoomFollower:
         return "room %s: %s%s" % (self.code, error_message(answer), hint)
 
     def show(self, name, data):
-        if self.as_json:
-            record = {"event": name, "data": data}
-            if self.prefix:
-                record["room"] = self.code
-            line = json.dumps(record)
-        else:
-            line = event_line(name, data, self.code if self.prefix else None)
-        with self.printer:
-            print(line, flush=True)
+        self.sink.event(self.code if self.prefix else None, self.code, name, data)
 
     def say(self, text):
-        with self.printer:
+        self.sink.note(text)
+
+
+class PrintedEvents:
+    """Events as lines on stdout (JSON with --json), notes on stderr.
+    ``_lock`` keeps the lines of several rooms whole."""
+
+    def __init__(self, as_json):
+        self.as_json = as_json
+        self._lock = threading.Lock()
+
+    def event(self, shown_room, code, name, data):
+        if self.as_json:
+            record = {"event": name, "data": data}
+            if shown_room:
+                record["room"] = shown_room
+            line = json.dumps(record)
+        else:
+            line = event_line(name, data, shown_room)
+        with self._lock:
+            print(line, flush=True)
+
+    def note(self, text):
+        with self._lock:
             print(text, file=sys.stderr, flush=True)
+
+
+class MonitorScreen:
+    """What the curses view shows: each participant's last known state, from
+    the events, and the latest event lines. ``_lock`` guards both."""
+
+    EVENTS_KEPT = 200
+
+    def __init__(self, hub_url):
+        self.hub_url = hub_url
+        self._lock = threading.Lock()
+        self._participants = collections.OrderedDict()  # (room, id) -> dict
+        self._lines = collections.deque(maxlen=self.EVENTS_KEPT)
+
+    def event(self, shown_room, code, name, data):
+        line = event_line(name, data, code)
+        with self._lock:
+            self._lines.append(line)
+            if isinstance(data, dict):
+                self._track(code, name, data)
+
+    def note(self, text):
+        with self._lock:
+            self._lines.append(time.strftime("%H:%M:%S ") + text)
+
+    def seed(self, code, participant):
+        """A participant listed before the first event about it."""
+        metrics = participant.get("metrics") or {}
+        with self._lock:
+            self._participants[(code, participant["id"])] = {
+                "nickname": participant.get("nickname"), "model": participant.get("model"),
+                "status": participant.get("status", "online"),
+                "requests": metrics.get("requests", 0), "errors": metrics.get("errors", 0),
+                "ttftMs": metrics.get("ttftMs"), "tokensPerSecond": metrics.get("tokensPerSecond")}
+
+    def _track(self, code, name, data):
+        key = (code, data.get("id") or data.get("participantId"))
+        if name == "participant:joined":
+            self._participants[key] = {"nickname": data.get("nickname"),
+                                       "model": data.get("model"), "status": "online",
+                                       "requests": 0, "errors": 0}
+        elif name == "participant:left":
+            self._participants.pop(key, None)
+        elif key in self._participants:
+            row = self._participants[key]
+            if name in ("participant:offline", "participant:online"):
+                row["status"] = name.split(":")[1]
+            elif name == "llm:complete":
+                row["requests"] += 1
+                row["ttftMs"], row["tokensPerSecond"] = data.get("ttftMs"), data.get(
+                    "tokensPerSecond")
+            elif name == "llm:error":
+                row["errors"] += 1
+
+    def lines(self, height):
+        """The screen as text lines, at most ``height`` of them."""
+        with self._lock:
+            rows = list(self._participants.items())
+            events = list(self._lines)
+        text = ["Gambiarra monitor: %s  (Ctrl-C to quit)" % self.hub_url, "",
+                "%-7s %-20s %-22s %-8s %5s %4s %9s %7s" % (
+                    "ROOM", "PARTICIPANT", "MODEL", "STATUS", "REQS", "ERRS", "TTFT ms",
+                    "TOK/S")]
+        for (code, _), row in rows:
+            text.append("%-7s %-20.20s %-22.22s %-8s %5d %4d %9s %7s" % (
+                code, row["nickname"], row["model"], row["status"], row["requests"],
+                row["errors"], row.get("ttftMs") or "-", row.get("tokensPerSecond") or "-"))
+        if not rows:
+            text.append("(no participant has joined since the monitor started)")
+        text += ["", "Latest events:"]
+        room_for_events = max(0, height - len(text))
+        return text + (events[-room_for_events:] if room_for_events else [])
+
+    def render(self, window):
+        height, width = window.getmaxyx()
+        window.erase()
+        for y, line in enumerate(self.lines(height)):
+            window.addnstr(y, 0, printable(line), max(0, width - 1))
+        window.refresh()
 
 
 def sse_stream(response):

@@ -1617,6 +1617,72 @@ class TestCli(unittest.TestCase):
         self.assertEqual(len(err.strip().splitlines()), 1)
 
 
+class FakeWindow:
+    """Enough of a curses window to see what the monitor draws."""
+
+    def __init__(self, height=20, width=100):
+        self.size = (height, width)
+        self.rows = {}
+
+    def getmaxyx(self):
+        return self.size
+
+    def erase(self):
+        self.rows = {}
+
+    def addnstr(self, y, x, text, n):
+        self.rows[y] = text[:n]
+
+    def refresh(self):
+        pass
+
+    def text(self):
+        return "\n".join(self.rows[y] for y in sorted(self.rows))
+
+
+class TestMonitorScreen(unittest.TestCase):
+    def test_participants_and_latest_events_are_drawn(self):
+        screen = gambiarra.MonitorScreen("http://hub:3000")
+        screen.event(None, "ROOM01", "participant:joined",
+                     {"id": "alice", "nickname": "Alice", "model": "llama3", "status": "online"})
+        screen.event(None, "ROOM01", "llm:complete", {"participantId": "alice", "status": 200,
+                                                      "ttftMs": 42.5, "tokensPerSecond": 31.0})
+        screen.event(None, "ROOM01", "participant:offline", {"participantId": "alice"})
+        screen.note("room ROOM01: the event stream ended; retrying")
+        window = FakeWindow()
+        screen.render(window)
+        text = window.text()
+        self.assertIn("http://hub:3000", text)
+        row = [line for line in text.splitlines() if "Alice" in line][0]
+        for value in ("ROOM01", "llama3", "offline", "42.5", "31.0"):
+            self.assertIn(value, row)
+        self.assertIn("llm:complete", text)
+        self.assertIn("retrying", text)
+        screen.event(None, "ROOM01", "participant:left", {"participantId": "alice"})
+        screen.render(window)
+        self.assertNotIn("Alice", window.text().split("Latest events:")[0])
+
+    def test_participants_listed_before_the_monitor_started_are_shown(self):
+        screen = gambiarra.MonitorScreen("http://hub:3000")
+        screen.seed("ROOM01", {"id": "bob", "nickname": "Bob", "model": "qwen2",
+                               "status": "busy", "metrics": {"requests": 7, "errors": 1}})
+        window = FakeWindow()
+        screen.render(window)
+        row = [line for line in window.text().splitlines() if "Bob" in line][0]
+        for value in ("qwen2", "busy", " 7 ", " 1 "):
+            self.assertIn(value, row)
+
+    def test_a_small_terminal_gets_what_fits(self):
+        screen = gambiarra.MonitorScreen("http://hub:3000")
+        for number in range(50):
+            screen.note("event %d" % number)
+        window = FakeWindow(height=10, width=30)
+        screen.render(window)
+        self.assertLessEqual(max(window.rows), 9)
+        self.assertTrue(all(len(line) <= 29 for line in window.rows.values()))
+        self.assertIn("event 49", window.text())  # the latest ones
+
+
 class TestClientCommands(HubTestCase):
     """list, chat and monitor in-process against a real hub and a fake backend."""
 

@@ -3347,8 +3347,9 @@ def add_chat_parser(commands):
 def add_monitor_parser(commands):
     watch = commands.add_parser(
         "monitor", help="follow the events of rooms", epilog=EPILOG_MONITOR,
-        description="Print one line per event of a room (joins, leaves, requests, "
-                    "errors), or of every room of the hub, until Ctrl-C.",
+        description="Follow the events of a room, or of every room of the hub, until "
+                    "Ctrl-C: a live view on a terminal, one line per event (joins, leaves, "
+                    "requests, errors) when piped or with --json.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     watch.add_argument("code", nargs="?", default=None,
                        help="room code (default: every room the hub lists now)")

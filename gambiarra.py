@@ -3652,17 +3652,11 @@ def read_chat_stream(response, echo):
     """Read an OpenAI SSE stream up to [DONE]; print each token as it comes when
     ``echo``. Returns (model, whole answer); an error event raises GambiarraError."""
     model, pieces = None, []
-    for raw in response:
-        line = raw.decode("utf-8", "replace").strip()
-        if not line.startswith("data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == "[DONE]":
+    for _, event in sse_stream(response):
+        if event == "[DONE]":
             break
-        try:
-            event = json.loads(payload)
-        except ValueError:
-            raise GambiarraError("the hub sent a line that is not JSON: %r" % payload[:80])
+        if not isinstance(event, dict):
+            raise GambiarraError("the hub sent an event that is not JSON: %r" % str(event)[:80])
         if "error" in event:
             raise GambiarraError("the answer broke off: %s" % error_message(event))
         model = event.get("model") or model
@@ -3708,9 +3702,7 @@ def monitor_on_screen(window, args, stop):
     """The live view of a terminal: participants on top, recent events below,
     redrawn twice a second until Ctrl-C."""
     screen = MonitorScreen(args.hub)
-    codes = [args.code] if args.code else [
-        room["code"] for room in hub_request(args.hub, "GET", "/rooms")["rooms"]]
-    for code in codes:  # who is there already, before any event says so
+    for code in rooms_to_follow(args):  # who is there already, before any event says so
         for participant in room_participants(args.hub, code, args.password) or ():
             screen.seed(code.upper(), participant)
     window.nodelay(True)
@@ -3723,11 +3715,17 @@ def monitor_on_screen(window, args, stop):
     worker.join(5)
 
 
+def rooms_to_follow(args):
+    """The room asked for, or every room the hub lists now."""
+    if args.code:
+        return [args.code]
+    return [room["code"] for room in hub_request(args.hub, "GET", "/rooms")["rooms"]]
+
+
 def monitor(args, stop, backoff_min_s=MONITOR_BACKOFF_MIN_S, sink=None):
     """Print the events of one room (args.code) or of every room the hub lists,
     one thread per room, until ``stop`` is set or no room is left to follow."""
-    codes = [args.code] if args.code else [
-        room["code"] for room in hub_request(args.hub, "GET", "/rooms")["rooms"]]
+    codes = rooms_to_follow(args)
     if not codes:
         raise GambiarraError("the hub at %s has no rooms to monitor. Create one: "
                              "python3 gambiarra.py create NAME" % args.hub)

@@ -3772,7 +3772,7 @@ class RoomFollower:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        self.thread.join()
+        self.thread.join(HUB_CALL_TIMEOUT_S)  # woken above; bounded all the same
 
     def run(self):
         delay = self.backoff_min_s

@@ -35,6 +35,7 @@ import contextlib
 import email.utils
 import errno
 import hashlib
+import heapq
 import hmac
 import http.client
 import http.server
@@ -46,9 +47,11 @@ import queue
 import random
 import re
 import secrets
+import select
 import selectors
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -158,6 +161,40 @@ CORS_HEADERS = (
 OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error",
                       429: "rate_limit_error"}
 
+
+#: mDNS (RFC 6762) and DNS-SD (RFC 6763): how ``serve --mdns`` is found.
+MDNS_GROUP = "224.0.0.251"
+MDNS_PORT = 5353
+MDNS_SERVICE_TYPE = "_gambiarra._tcp.local"
+MDNS_SERVICE_TYPES = "_services._dns-sd._udp.local"  # RFC 6763 section 9
+MDNS_HOST_TTL_S = 120     # RFC 6762 section 10: records naming a host (SRV, A)
+MDNS_OTHER_TTL_S = 4500   # RFC 6762 section 10: the others (PTR, TXT)
+MDNS_LEGACY_TTL_S = 10    # RFC 6762 section 6.7: replies to one-shot queries
+MDNS_LEGACY_MAX_BYTES = 512   # what a conventional DNS client reads
+MDNS_MAX_PACKET_BYTES = 9000  # RFC 6762 section 17; larger datagrams are dropped
+#: A record is multicast again on an interface only after this long (section 6).
+MDNS_REPEAT_S = 1.0
+#: Probing (section 8.1): a random wait, then 3 queries 250 ms apart.
+MDNS_PROBE_WAIT_S = 0.25
+MDNS_PROBE_INTERVAL_S = 0.25
+MDNS_PROBES = 3
+#: Announcements after probing: at once, then 1 s and 2 s later (section 8.3:
+#: at least two, one second apart, the gaps at least doubling).
+MDNS_ANNOUNCE_GAPS_S = (1.0, 2.0)
+#: Goodbyes (TTL 0) on shutdown: 3 copies, 100 ms apart, like mDNSResponder.
+MDNS_GOODBYES = 3
+MDNS_GOODBYE_GAP_S = 0.1
+#: Shared answers (PTR) wait 20-120 ms so responders do not collide (section 6).
+MDNS_SHARED_DELAY_S = (0.02, 0.12)
+#: After 15 conflicts in 10 s, wait 5 s before each probe (section 8.1).
+MDNS_CONFLICT_LIMIT, MDNS_CONFLICT_WINDOW_S, MDNS_CONFLICT_PAUSE_S = 15, 10.0, 5.0
+#: How often the responder rereads the interfaces (and re-announces if they changed).
+MDNS_INTERFACE_REFRESH_S = 30.0
+#: The CLI's search: the longest wait, the query repeated once after 1 s, and
+#: the extra wait for other hubs once one has answered.
+MDNS_BROWSE_S = 2.0
+MDNS_BROWSE_RETRY_S = 1.0
+MDNS_BROWSE_SETTLE_S = 0.5
 
 # === Errors and small helpers ===
 
@@ -2383,7 +2420,7 @@ class Hub:
                  forget_after=DEFAULT_FORGET_AFTER_S, room_ttl=DEFAULT_ROOM_TTL_S,
                  state_path=None, queue_timeout=DEFAULT_QUEUE_TIMEOUT_S,
                  sse_keepalive=SSE_KEEPALIVE_S,
-                 client_timeout=CLIENT_IDLE_TIMEOUT_S):
+                 client_timeout=CLIENT_IDLE_TIMEOUT_S, mdns=False, mdns_options=None):
         self.host = host
         self.port = port
         self.max_body = max_body
@@ -2403,6 +2440,9 @@ class Hub:
         self.relay = None
         self.watcher = None
         self.server = None
+        self.mdns = mdns
+        self.mdns_options = mdns_options or {}
+        self.mdns_responder = None
         self._threads = []
         self._sweeper = None
         self._closed = False
@@ -2432,7 +2472,23 @@ class Hub:
         self._sweeper.daemon = True
         self._sweeper.start()
         log.debug("hub listening on %s", self.url)
+        if self.mdns:
+            self._start_mdns()
         return self
+
+    def _start_mdns(self):
+        """Advertise the hub on the local network; a machine that cannot do
+        mDNS gets one warning and the hub goes on serving HTTP."""
+        options = dict(self.mdns_options)
+        if self.host not in ("", "0.0.0.0", "::"):
+            options.setdefault("links", links_for_host(self.host))
+        responder = MdnsResponder(self.port, **options)
+        try:
+            self.mdns_responder = responder.start()
+        except MdnsUnavailable as exc:
+            address = (local_ipv4_addresses() or ["THIS-MACHINE-IP"])[0]
+            log.warning("mDNS disabled: %s. Clients can still use --hub http://%s:%d",
+                        exc, address, self.port)
 
     def _restore_rooms(self):
         saved = self.state.load()
@@ -2474,6 +2530,8 @@ class Hub:
             self._closed = True
             return
         self._closed = True
+        if self.mdns_responder is not None:
+            self.mdns_responder.close()  # goodbyes first: browsers forget us at once
         self._sweeper.cancel()
         self.server.shutdown()
         self.server.server_close()
@@ -2496,54 +2554,1094 @@ class Hub:
         self.close()
 
 
-def local_ipv4_addresses():
-    """Every IPv4 address of this machine that others could reach, best first.
+# === mDNS ===
+#
+# ``serve --mdns`` advertises one DNS-SD service, _gambiarra._tcp.local, with a
+# small responder on UDP 5353; the CLI finds hubs with a one-shot query. Both
+# follow RFC 6762 (mDNS) and RFC 6763 (DNS-SD) as far as avahi, Bonjour,
+# python-zeroconf and Node's bonjour-service need. Left out on purpose: IPv6,
+# simultaneous-probe tiebreaking (section 8.2) and multi-packet known answers
+# (section 7.2); a responder for one service does not need them.
 
-    The stdlib has no interface list with addresses; combine the address
-    used for the default route, the host name's addresses and, on Linux, each
-    interface's address (SIOCGIFADDR).
-    """
-    found = []
+DNS_A, DNS_PTR, DNS_TXT, DNS_AAAA, DNS_SRV, DNS_NSEC, DNS_ANY = 1, 12, 16, 28, 33, 47, 255
+DNS_CLASS_IN = 1
+#: The top bit of a class: "cache flush" in a record, "unicast reply wanted" (QU)
+#: in a question.
+DNS_CLASS_TOP_BIT = 0x8000
+DNS_FLAG_RESPONSE = 0x8000
+DNS_FLAG_AUTHORITATIVE = 0x0400
+DNS_FLAG_TRUNCATED = 0x0200
+DNS_OPCODE_MASK = 0x7800
 
-    def add(address):
-        if address and not address.startswith("127.") and address not in found:
-            found.append(address)
+Question = collections.namedtuple("Question", "name type unicast")
+#: One resource record of class IN. ``data`` by type: A an address string, PTR
+#: a name, SRV (priority, weight, port, target), TXT a tuple of bytes, NSEC
+#: (next name, tuple of types), any other type its raw bytes.
+Record = collections.namedtuple("Record", "name type ttl data unique")
+Message = collections.namedtuple("Message", "id flags questions answers authorities additionals")
 
+
+class MdnsDecodeError(ValueError):
+    """A datagram that is not a well-formed DNS message."""
+
+
+def record_key(record):
+    """What makes two records the same record: name (any case), type and data."""
+    data = record.data
+    if record.type == DNS_PTR:
+        data = data.lower()
+    elif record.type == DNS_SRV:
+        data = data[:3] + (data[3].lower(),)
+    return record.name.lower(), record.type, data
+
+
+# --- names: "label.label.local", dots inside a label escaped as "\." ---
+
+def name_labels(name):
+    """The labels of a name, unescaping "\\." and "\\\\"; a final dot is optional."""
+    labels, label, chars = [], [], iter(name)
+    for char in chars:
+        if char == "\\":
+            label.append(next(chars, ""))
+        elif char == ".":
+            labels.append("".join(label))
+            label = []
+        else:
+            label.append(char)
+    if label:
+        labels.append("".join(label))
+    return labels
+
+
+def escape_label(label):
+    return label.replace("\\", "\\\\").replace(".", "\\.")
+
+
+def instance_label(name):
+    """The first label of a service instance name, as people read it."""
+    labels = name_labels(name)
+    return labels[0] if labels else ""
+
+
+# --- encoding ---
+
+class PacketWriter:
+    """Builds one DNS message, compressing names (RFC 1035 section 4.1.4)."""
+
+    def __init__(self):
+        self.buffer = bytearray(12)
+        self._offsets = {}  # tuple of labels -> where that suffix was written
+
+    def name(self, name, compress=True):
+        labels = [label.encode("utf-8") for label in name_labels(name)]
+        if any(not 0 < len(label) <= 63 for label in labels):
+            raise ValueError("a DNS label must have 1 to 63 bytes: %r" % name)
+        if sum(len(label) + 1 for label in labels) + 1 > 255:
+            raise ValueError("a DNS name must have at most 255 bytes: %r" % name)
+        for index in range(len(labels)):
+            suffix = tuple(labels[index:])
+            if compress and suffix in self._offsets:
+                self.buffer += struct.pack("!H", 0xC000 | self._offsets[suffix])
+                return
+            if len(self.buffer) < 0x4000:
+                self._offsets.setdefault(suffix, len(self.buffer))
+            self.buffer += bytes([len(labels[index])]) + labels[index]
+        self.buffer.append(0)
+
+    def question(self, question):
+        self.name(question.name)
+        top_bit = DNS_CLASS_TOP_BIT if question.unicast else 0
+        self.buffer += struct.pack("!HH", question.type, DNS_CLASS_IN | top_bit)
+
+    def record(self, record, legacy=False):
+        """Write a record; ``legacy`` replies cap the TTL and never flush caches."""
+        self.name(record.name)
+        ttl = min(record.ttl, MDNS_LEGACY_TTL_S) if legacy else record.ttl
+        top_bit = DNS_CLASS_TOP_BIT if record.unique and not legacy else 0
+        self.buffer += struct.pack("!HHIH", record.type, DNS_CLASS_IN | top_bit, ttl, 0)
+        start = len(self.buffer)
+        RDATA_WRITERS.get(record.type, PacketWriter._raw)(self, record.data)
+        struct.pack_into("!H", self.buffer, start - 2, len(self.buffer) - start)
+
+    def _address(self, address):
+        self.buffer += socket.inet_aton(address)
+
+    def _srv(self, data):
+        priority, weight, port, target = data
+        self.buffer += struct.pack("!HHH", priority, weight, port)
+        self.name(target, compress=False)  # RFC 2782: targets are never compressed
+
+    def _txt(self, strings):
+        if not strings:
+            strings = (b"",)  # RFC 6763 section 6.1: never an empty TXT record
+        for string in strings:
+            if len(string) > 255:
+                raise ValueError("a TXT string must have at most 255 bytes")
+            self.buffer += bytes([len(string)]) + string
+
+    def _nsec(self, data):
+        next_name, types = data
+        self.name(next_name, compress=False)
+        bitmap = bytearray(max(types) // 8 + 1)
+        for rtype in types:
+            bitmap[rtype // 8] |= 0x80 >> (rtype % 8)
+        self.buffer += bytes([0, len(bitmap)]) + bitmap  # window 0 only: types < 256
+
+    def _raw(self, data):
+        self.buffer += data
+
+
+RDATA_WRITERS = {DNS_A: PacketWriter._address, DNS_PTR: PacketWriter.name,
+                 DNS_SRV: PacketWriter._srv, DNS_TXT: PacketWriter._txt,
+                 DNS_NSEC: PacketWriter._nsec}
+
+
+def encode_message(message, legacy=False):
+    """The bytes of ``message``; ``legacy`` for a reply to a one-shot query."""
+    writer = PacketWriter()
+    for question in message.questions:
+        writer.question(question)
+    for section in (message.answers, message.authorities, message.additionals):
+        for record in section:
+            writer.record(record, legacy)
+    struct.pack_into("!6H", writer.buffer, 0, message.id, message.flags,
+                     len(message.questions), len(message.answers),
+                     len(message.authorities), len(message.additionals))
+    return bytes(writer.buffer)
+
+
+# --- decoding: everything on a shared LAN is untrusted ---
+
+class PacketReader:
+    """Reads one DNS message, checking every offset: garbage raises
+    MdnsDecodeError and nothing else."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def need(self, offset, count):
+        if offset + count > len(self.data):
+            raise MdnsDecodeError("truncated at byte %d" % offset)
+
+    def name(self, offset):
+        """(name, offset after it). Pointers may point forward (Android does),
+        but never twice to the same place, so loops end."""
+        data, labels, end, seen, size = self.data, [], None, set(), 1
+        while True:
+            self.need(offset, 1)
+            length = data[offset]
+            if length >= 0xC0:
+                self.need(offset, 2)
+                pointer = (length & 0x3F) << 8 | data[offset + 1]
+                if pointer in seen or pointer >= len(data):
+                    raise MdnsDecodeError("bad compression pointer at byte %d" % offset)
+                seen.add(pointer)
+                end = offset + 2 if end is None else end
+                offset = pointer
+                continue
+            if length >= 0x40:
+                raise MdnsDecodeError("unknown label type at byte %d" % offset)
+            offset += 1
+            if length == 0:
+                break
+            self.need(offset, length)
+            size += length + 1
+            if size > 255:
+                raise MdnsDecodeError("name longer than 255 bytes")
+            labels.append(escape_label(data[offset:offset + length].decode("utf-8", "replace")))
+            offset += length
+        return ".".join(labels), offset if end is None else end
+
+    def question(self, offset):
+        name, offset = self.name(offset)
+        self.need(offset, 4)
+        rtype, rclass = struct.unpack_from("!HH", self.data, offset)
+        return Question(name, rtype, bool(rclass & DNS_CLASS_TOP_BIT)), offset + 4
+
+    def record(self, offset):
+        name, offset = self.name(offset)
+        self.need(offset, 10)
+        rtype, rclass, ttl, length = struct.unpack_from("!HHIH", self.data, offset)
+        offset += 10
+        self.need(offset, length)
+        end = offset + length
+        reader = RDATA_READERS.get(rtype, PacketReader._raw)
+        data = reader(self, offset, end)
+        return Record(name, rtype, ttl, data, bool(rclass & DNS_CLASS_TOP_BIT)), end
+
+    def _ends_at(self, result, end):
+        value, offset = result
+        if offset != end:
+            raise MdnsDecodeError("record data of the wrong length")
+        return value
+
+    def _address(self, offset, end):
+        if end - offset != 4:
+            raise MdnsDecodeError("an A record must have 4 bytes")
+        return socket.inet_ntoa(self.data[offset:end])
+
+    def _ptr(self, offset, end):
+        return self._ends_at(self.name(offset), end)
+
+    def _srv(self, offset, end):
+        self.need(offset, 6)
+        if offset + 6 > end:
+            raise MdnsDecodeError("SRV record too short")
+        target = self._ends_at(self.name(offset + 6), end)
+        return struct.unpack_from("!HHH", self.data, offset) + (target,)
+
+    def _txt(self, offset, end):
+        strings = []
+        while offset < end:
+            length = self.data[offset]
+            if offset + 1 + length > end:
+                raise MdnsDecodeError("TXT string runs past its record")
+            strings.append(bytes(self.data[offset + 1:offset + 1 + length]))
+            offset += 1 + length
+        return tuple(strings)
+
+    def _nsec(self, offset, end):
+        next_name, offset = self.name(offset)
+        types = []
+        while offset < end:
+            if offset + 2 > end or offset + 2 + self.data[offset + 1] > end:
+                raise MdnsDecodeError("NSEC bitmap runs past its record")
+            window, length = self.data[offset], self.data[offset + 1]
+            for index, byte in enumerate(self.data[offset + 2:offset + 2 + length]):
+                types += [window * 256 + index * 8 + bit for bit in range(8) if byte & 0x80 >> bit]
+            offset += 2 + length
+        if offset != end:
+            raise MdnsDecodeError("NSEC record of the wrong length")
+        return next_name, tuple(types)
+
+    def _raw(self, offset, end):
+        return bytes(self.data[offset:end])
+
+
+RDATA_READERS = {DNS_A: PacketReader._address, DNS_PTR: PacketReader._ptr,
+                 DNS_SRV: PacketReader._srv, DNS_TXT: PacketReader._txt,
+                 DNS_NSEC: PacketReader._nsec}
+
+
+def decode_message(data):
+    """Parse a datagram into a Message; raise MdnsDecodeError if it is not one.
+    Classes are not kept: mDNS uses IN only."""
+    reader = PacketReader(data)
+    reader.need(0, 12)
+    ident, flags, *counts = struct.unpack_from("!6H", data, 0)
+    offset, questions = 12, []
+    for _ in range(counts[0]):
+        question, offset = reader.question(offset)
+        questions.append(question)
+    sections = []
+    for count in counts[1:]:
+        records = []
+        for _ in range(count):
+            record, offset = reader.record(offset)
+            records.append(record)
+        sections.append(records)
+    return Message(ident, flags, questions, *sections)
+
+
+def txt_strings(fields):
+    """TXT strings from a dict: "key=value", txtvers first (RFC 6763 section 6)."""
+    return tuple(("%s=%s" % (key, value)).encode("utf-8") for key, value in fields.items())
+
+
+def txt_fields(strings):
+    """A dict from TXT strings; keys are case-insensitive, a key alone is ''."""
+    fields = {}
+    for string in strings:
+        key, _, value = string.decode("utf-8", "replace").partition("=")
+        if key:
+            fields.setdefault(key.lower(), value)
+    return fields
+
+
+# --- interfaces: the stdlib has no getifaddrs, so ask libc through ctypes ---
+
+#: One IPv4 address of an interface, and the subnet it is on.
+Link = collections.namedtuple("Link", "name address netmask")
+
+
+def link_network(link):
+    mask = struct.unpack("!I", socket.inet_aton(link.netmask))[0]
+    return struct.unpack("!I", socket.inet_aton(link.address))[0] & mask, mask
+
+
+def link_holds(link, address):
+    """True when ``address`` is on ``link``'s subnet."""
+    try:
+        value = struct.unpack("!I", socket.inet_aton(address))[0]
+    except OSError:
+        return False
+    network, mask = link_network(link)
+    return value & mask == network
+
+
+def network_links():
+    """The IPv4 addresses of this machine's interfaces that are up, loopback
+    included, point-to-point /32 links left out (VPNs: nobody else is there)."""
+    links = _getifaddrs_links() or _fallback_links()
+    return [link for link in links
+            if link.netmask != "255.255.255.255" or link.address.startswith("127.")]
+
+
+def _getifaddrs_links():
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)  # the C library is already loaded
+        getifaddrs, freeifaddrs = libc.getifaddrs, libc.freeifaddrs
+    except (ImportError, OSError, AttributeError):  # no ctypes, or no getifaddrs (Windows)
+        return []
+
+    class IfAddrs(ctypes.Structure):
+        pass
+    IfAddrs._fields_ = [("next", ctypes.POINTER(IfAddrs)), ("name", ctypes.c_char_p),
+                        ("flags", ctypes.c_uint), ("addr", ctypes.c_void_p),
+                        ("netmask", ctypes.c_void_p), ("broadaddr", ctypes.c_void_p),
+                        ("data", ctypes.c_void_p)]
+    head = ctypes.POINTER(IfAddrs)()
+    if getifaddrs(ctypes.byref(head)) != 0:
+        return []
+    links, entry = [], head
+    try:
+        while entry:
+            item = entry.contents
+            address, netmask = _ipv4_of(item.addr), _ipv4_of(item.netmask)
+            if item.flags & 0x1 and address and netmask:  # IFF_UP
+                links.append(Link(item.name.decode("utf-8", "replace"), address, netmask))
+            entry = item.next
+    finally:
+        freeifaddrs(head)
+    return links
+
+
+def _ipv4_of(pointer):
+    """The address in a struct sockaddr if it is AF_INET. BSD and macOS start
+    the struct with a length byte, Linux with a two-byte family."""
+    if not pointer:
+        return None
+    import ctypes
+    raw = ctypes.string_at(pointer, 8)
+    family = raw[1] if sys.platform == "darwin" or "bsd" in sys.platform else \
+        struct.unpack("=H", raw[:2])[0]
+    return socket.inet_ntoa(raw[4:8]) if family == socket.AF_INET else None
+
+
+def _fallback_links():
+    """Without getifaddrs: loopback and the address of the default route,
+    guessing a /24 around it."""
+    links = [Link("lo", "127.0.0.1", "255.0.0.0")]
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        probe.connect(("10.255.255.255", 1))  # no packet is sent for UDP connect
-        add(probe.getsockname()[0])
+        probe.connect((MDNS_GROUP, MDNS_PORT))  # UDP connect sends nothing
+        links.append(Link("default", probe.getsockname()[0], "255.255.255.0"))
     except OSError:
         pass
     finally:
         probe.close()
+    return links
+
+
+def local_ipv4_addresses():
+    """This machine's IPv4 addresses that others could reach, the one of the
+    default route first."""
+    addresses = [link.address for link in network_links()
+                 if not link.address.startswith("127.")]
+    default = _fallback_links()[-1].address
+    return sorted(set(addresses), key=lambda address: (address != default,
+                                                        addresses.index(address)))
+
+
+def links_for_host(host):
+    """The links an HTTP server bound to ``host`` is reachable on."""
+    links = network_links()
+    if host in ("", "0.0.0.0", "::"):
+        return links
+    if host.startswith("127.") or host in ("localhost", "::1"):
+        return [link for link in links if link.address.startswith("127.")]
+    return [link for link in links if link.address == host]
+
+
+def open_mdns_socket(port, links, group=MDNS_GROUP, warn=True):
+    """A UDP socket bound to ``port`` that shares it with avahi or Bonjour and
+    has joined ``group`` on each link. Returns (socket, links joined); raises
+    OSError when the port cannot be bound at all. ``warn`` logs the links
+    that cannot join as warnings."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            add(info[4][0])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):  # needed beside macOS's mDNSResponder
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, struct.pack("B", 255))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, struct.pack("B", 1))
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)  # RFC 6762 section 11
+        sock.bind(("", port))
     except OSError:
-        pass
-    for address in _linux_interface_addresses():
-        add(address)
-    return found
-
-
-def _linux_interface_addresses():
-    try:
-        import fcntl
-        import struct
-        names = [name for _, name in socket.if_nameindex()]
-    except (ImportError, OSError, AttributeError):
-        return []
-    addresses = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for name in names:
-            try:
-                packed = fcntl.ioctl(sock.fileno(), 0x8915,  # SIOCGIFADDR
-                                     struct.pack("256s", name[:15].encode()))
-                addresses.append(socket.inet_ntoa(packed[20:24]))
-            except OSError:
+        sock.close()
+        raise
+    joined, names = [], set()
+    for link in links:
+        if link.name in names:
+            joined.append(link)  # one membership per interface
+            continue
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                            socket.inet_aton(group) + socket.inet_aton(link.address))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:  # EADDRINUSE: already a member
+                report = log.warning if warn else log.debug
+                report("mDNS: not on %s (%s): cannot join the group %s: %s",
+                       link.name, link.address, group, exc.strerror or exc)
                 continue
-    return addresses
+        names.add(link.name)
+        joined.append(link)
+    return sock, joined
+
+
+# --- the responder ---
+
+MdnsReply = collections.namedtuple("MdnsReply", "packet destination link delay_s")
+
+
+class MdnsTimings:
+    """The protocol's waits, RFC values by default; tests pass shorter ones."""
+
+    def __init__(self, probe_wait_s=MDNS_PROBE_WAIT_S, probe_interval_s=MDNS_PROBE_INTERVAL_S,
+                 announce_gaps_s=MDNS_ANNOUNCE_GAPS_S, goodbye_gap_s=MDNS_GOODBYE_GAP_S,
+                 shared_delay_s=MDNS_SHARED_DELAY_S, repeat_s=MDNS_REPEAT_S,
+                 refresh_s=MDNS_INTERFACE_REFRESH_S):
+        self.probe_wait_s = probe_wait_s
+        self.probe_interval_s = probe_interval_s
+        self.announce_gaps_s = tuple(announce_gaps_s)
+        self.goodbye_gap_s = goodbye_gap_s
+        self.shared_delay_s = shared_delay_s
+        self.repeat_s = repeat_s
+        self.refresh_s = refresh_s
+
+
+def default_host_label():
+    """gambiarra-<host name>: a host name of our own, so we never touch the
+    records avahi or Bonjour keep for the machine's name (MDNS.md section 4.4)."""
+    base = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().split(".")[0].lower()).strip("-")
+    return ("gambiarra-" + base)[:63].rstrip("-") if base else "gambiarra-hub"
+
+
+def hub_txt_fields(path="/"):
+    return {"txtvers": "1", "version": __version__, "protocol": "http", "path": path}
+
+
+class MdnsResponder:
+    """Advertises one hub as ``<instance>._gambiarra._tcp.local``.
+
+    One daemon thread owns the socket: it probes the names, announces, answers
+    queries and, on close(), says goodbye. ``answer(datagram, source)`` is the
+    whole query logic without sockets, for tests.
+    """
+
+    def __init__(self, service_port, txt=None, instance=None, host_label=None, links=None,
+                 group=MDNS_GROUP, port=MDNS_PORT, timings=None):
+        self.service_port = service_port
+        self.txt = txt_strings(txt if txt is not None else hub_txt_fields())
+        self.base_instance = instance or "gambiarra-hub-%d" % service_port
+        self.base_host = host_label or default_host_label()
+        self.instance, self.host = self.base_instance, self.base_host
+        self.renames = 0
+        self._fixed_links = links
+        self.links = list(links) if links is not None else []
+        self.group, self.port = group, port
+        self.timings = timings or MdnsTimings()
+        self.state = "idle"  # -> probing -> announced -> closed
+        self._last_multicast = {}   # (interface, record key) -> time
+        self._conflicts = collections.deque(maxlen=MDNS_CONFLICT_LIMIT)
+        self._timers, self._generation = [], 0
+        self._sock = self._thread = self._wake_r = self._wake_w = None
+        self._closing = threading.Event()
+        self._announced_event = threading.Event()
+        self._quiet = QuietLog()
+
+    # names and records
+
+    @property
+    def instance_name(self):
+        return escape_label(self.instance) + "." + MDNS_SERVICE_TYPE
+
+    @property
+    def host_name(self):
+        return self.host + ".local"
+
+    def records(self, link, ttl=None):
+        """Everything we advertise on ``link``, by kind of record."""
+        def ttl_or(default):
+            return default if ttl is None else ttl
+        addresses = [l.address for l in self.links if l.name == link.name] or [link.address]
+        return {
+            "types": Record(MDNS_SERVICE_TYPES, DNS_PTR, ttl_or(MDNS_OTHER_TTL_S),
+                            MDNS_SERVICE_TYPE, False),
+            "ptr": Record(MDNS_SERVICE_TYPE, DNS_PTR, ttl_or(MDNS_OTHER_TTL_S),
+                          self.instance_name, False),
+            "srv": Record(self.instance_name, DNS_SRV, ttl_or(MDNS_HOST_TTL_S),
+                          (0, 0, self.service_port, self.host_name), True),
+            "txt": Record(self.instance_name, DNS_TXT, ttl_or(MDNS_OTHER_TTL_S), self.txt, True),
+            "a": [Record(self.host_name, DNS_A, ttl_or(MDNS_HOST_TTL_S), address, True)
+                  for address in addresses],
+            # "This host has no AAAA": resolvers stop waiting for one (section 6.1).
+            "nsec": Record(self.host_name, DNS_NSEC, ttl_or(MDNS_HOST_TTL_S),
+                           (self.host_name, (DNS_A,)), True),
+        }
+
+    def _name_kinds(self):
+        return {MDNS_SERVICE_TYPES.lower(): "types", MDNS_SERVICE_TYPE.lower(): "service",
+                self.instance_name.lower(): "instance", self.host_name.lower(): "host"}
+
+    #: (kind of name, question type) -> (answer records, additional records),
+    #: as RFC 6763 section 12 lists the additionals.
+    ANSWERS = {
+        ("types", DNS_PTR): (("types",), ()),
+        ("service", DNS_PTR): (("ptr",), ("srv", "txt", "a", "nsec")),
+        ("instance", DNS_SRV): (("srv",), ("a", "nsec")),
+        ("instance", DNS_TXT): (("txt",), ()),
+        ("instance", DNS_ANY): (("srv", "txt"), ("a", "nsec")),
+        ("host", DNS_A): (("a",), ("nsec",)),
+        ("host", DNS_AAAA): (("nsec",), ("a",)),
+        ("host", DNS_ANY): (("a",), ("nsec",)),
+    }
+
+    def _answer_question(self, question, link, kinds):
+        kind = kinds.get(question.name.lower())
+        qtype = DNS_PTR if question.type == DNS_ANY and kind in ("types", "service") \
+            else question.type
+        answer_kinds, additional_kinds = self.ANSWERS.get((kind, qtype), ((), ()))
+        records = self.records(link)
+        return (_flatten(records[k] for k in answer_kinds),
+                _flatten(records[k] for k in additional_kinds))
+
+    # the query logic
+
+    def answer(self, datagram, source, now=None):
+        """The replies owed to one datagram from ``source`` (address, port).
+        Responses are only checked for conflicts with our names."""
+        now = time.monotonic() if now is None else now
+        message = decode_message(datagram)
+        if message.flags & DNS_OPCODE_MASK or message.flags & 0x000F:
+            return []  # RFC 6762 section 18: other opcodes and rcodes are ignored
+        if message.flags & DNS_FLAG_RESPONSE:
+            self._check_conflicts(message, source, now)
+            return []
+        if self.state != "announced" or not self.links:
+            return []
+        legacy = source[1] != self.port
+        if legacy and (message.answers or message.authorities):
+            return []  # avahi drops these too: no one-shot query carries records
+        link = self.link_for(source[0])
+        answers, additionals = self._collect(message, link)
+        if not answers:
+            return []
+        if legacy:
+            return [self._legacy_reply(message, answers, additionals, source, link)]
+        return self._mdns_replies(message, answers, additionals, source, link, now)
+
+    def _collect(self, message, link):
+        kinds = self._name_kinds()
+        answers, additionals = [], []
+        for question in message.questions:
+            found, extra = self._answer_question(question, link, kinds)
+            answers += found
+            additionals += extra
+        known = {record_key(r): r.ttl for r in message.answers}
+        def unknown(record):  # known-answer suppression, RFC 6762 section 7.1
+            return known.get(record_key(record), -1) < record.ttl / 2
+        answers = _unique(r for r in answers if unknown(r))
+        keys = {record_key(r) for r in answers}
+        additionals = _unique(r for r in additionals if unknown(r) and record_key(r) not in keys)
+        return answers, additionals
+
+    def _legacy_reply(self, message, answers, additionals, source, link):
+        reply = Message(message.id, DNS_FLAG_RESPONSE | DNS_FLAG_AUTHORITATIVE,
+                        message.questions, answers, [], additionals)
+        packet = encode_message(reply, legacy=True)
+        if len(packet) > MDNS_LEGACY_MAX_BYTES:
+            reply = reply._replace(additionals=[],
+                                   flags=reply.flags | DNS_FLAG_TRUNCATED)
+            packet = encode_message(reply, legacy=True)
+        return MdnsReply(packet, source, link, 0.0)
+
+    def _mdns_replies(self, message, answers, additionals, source, link, now):
+        probe = bool(message.authorities)
+        shared = any(not r.unique for r in answers)
+        delay = 0.0 if probe or not shared else random.uniform(*self.timings.shared_delay_s)
+        replies = []
+        if any(q.unicast for q in message.questions):  # QU: unicast, ID 0, no questions
+            packet = response_packet(answers, additionals)
+            replies.append(MdnsReply(packet, (source[0], self.port), link, delay))
+        fresh = answers if probe else [r for r in answers if not self._multicast_lately(r, link, now)]
+        if fresh:
+            for record in fresh + additionals:
+                self._last_multicast[(link.name, record_key(record))] = now
+            replies.append(MdnsReply(response_packet(fresh, additionals), (self.group, self.port),
+                                     link, delay))
+        return replies
+
+    def _multicast_lately(self, record, link, now):
+        last = self._last_multicast.get((link.name, record_key(record)))
+        return last is not None and now - last < self.timings.repeat_s
+
+    def link_for(self, address):
+        """The link a packet from ``address`` came over: ours if it is one of our
+        addresses, else the one whose subnet holds it, else the first that is
+        not loopback (RFC 6762 section 6.2: answer with that link's addresses)."""
+        for link in self.links:
+            if link.address == address:
+                return link
+        for link in self.links:
+            if link_holds(link, address):
+                return link
+        outside = [link for link in self.links if not link.address.startswith("127.")]
+        return (outside or self.links)[0]
+
+    # conflicts (RFC 6762 sections 8.1 and 9)
+
+    def _check_conflicts(self, message, source, now):
+        if self.state not in ("probing", "announced"):
+            return
+        kinds = self._name_kinds()
+        conflicting = set()
+        for record in message.answers + message.additionals:
+            kind = kinds.get(record.name.lower())
+            if kind in ("instance", "host") and self._conflicts_with(record, kind):
+                conflicting.add(kind)
+        if conflicting:
+            self._on_conflict(conflicting, source, now)
+
+    def _conflicts_with(self, record, kind):
+        """While probing, any record with our name is someone else's claim; once
+        announced, only one with other data (our own echo is not a conflict)."""
+        if self.state == "probing":
+            return True
+        if record.ttl == 0:
+            return False
+        ours = {record_key(r) for link in self.links for r in _flatten(self.records(link).values())}
+        return record_key(record) not in ours
+
+    def _on_conflict(self, kinds, source, now):
+        old = self.instance if "instance" in kinds else self.host
+        if self.state == "announced":  # caches drop our old names, on the thread
+            self._schedule(0, self._send_all, self._goodbye_packets(), lasting=True)
+        self.renames += 1
+        if "instance" in kinds:
+            self.instance = "%s (%d)" % (self.base_instance, self.renames + 1)
+        if "host" in kinds:
+            self.host = "%s-%d" % (self.base_host, self.renames + 1)
+        new = self.instance if "instance" in kinds else self.host
+        log.warning("mDNS: %s (%s) already uses the name %s; advertising as %s",
+                    source[0], "another hub" if "instance" in kinds else "another device",
+                    old, new)
+        self._conflicts.append(now)
+        crowded = len(self._conflicts) == MDNS_CONFLICT_LIMIT and \
+            now - self._conflicts[0] < MDNS_CONFLICT_WINDOW_S
+        self._start_probing(MDNS_CONFLICT_PAUSE_S if crowded else self.timings.probe_interval_s)
+
+    # life cycle, all on the responder's thread
+
+    def start(self):
+        """Open the socket and start the thread. Raises MdnsUnavailable with the
+        cause when this machine cannot do mDNS."""
+        if self._fixed_links is None:
+            self.links = network_links()
+        if not self.links:
+            raise MdnsUnavailable("no network interface with an IPv4 address")
+        try:
+            self._sock, self.links = open_mdns_socket(self.port, self.links, self.group)
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise MdnsUnavailable("UDP port %d is held exclusively by another program"
+                                      % self.port)
+            raise MdnsUnavailable("cannot open UDP port %d: %s" % (self.port, exc))
+        if not self.links:
+            self._sock.close()
+            raise MdnsUnavailable("no interface accepted the multicast group %s "
+                                  "(no multicast route?)" % self.group)
+        self.port = self._sock.getsockname()[1]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._start_probing(random.uniform(0, self.timings.probe_wait_s))
+        if self._fixed_links is None:
+            self._schedule(self.timings.refresh_s, self._refresh_links, lasting=True)
+        self._thread = threading.Thread(target=self._run, name="mdns", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_announced(self, timeout):
+        return self._announced_event.wait(timeout)
+
+    def close(self, timeout=2.0):
+        """Say goodbye, close the socket and stop the thread (idempotent)."""
+        self._closing.set()
+        if self._thread is not None:
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"x")
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("mDNS: the responder thread did not stop within %g s", timeout)
+
+    def _run(self):
+        try:
+            while not self._closing.is_set():
+                ready, _, _ = select_readable([self._sock, self._wake_r], self._next_timer_in())
+                if self._sock in ready:
+                    self._receive()
+                self._run_due_timers()
+            if self.state == "announced":
+                self._send_goodbyes(MDNS_GOODBYES)
+        except Exception:  # a bug must not take the hub down with it
+            log.exception("mDNS: the responder stopped")
+        finally:
+            self.state = "closed"
+            self._close_sockets()
+
+    def _close_sockets(self):
+        for sock in (self._sock, self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+
+    def _receive(self):
+        try:
+            datagram, source = self._sock.recvfrom(MDNS_MAX_PACKET_BYTES + 1)
+        except OSError:
+            return
+        if len(datagram) > MDNS_MAX_PACKET_BYTES:
+            return
+        try:
+            replies = self.answer(datagram, source)
+        except MdnsDecodeError as exc:
+            self._quiet.debug(source[0], "mDNS: ignored a malformed packet from %s: %s",
+                              source[0], exc)
+            return
+        for reply in replies:
+            if reply.delay_s > 0:
+                self._schedule(reply.delay_s, self._send, reply.packet, reply.destination,
+                               reply.link)
+            else:
+                self._send(reply.packet, reply.destination, reply.link)
+
+    def _send(self, packet, destination, link):
+        try:
+            if destination[0] == self.group:
+                self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                                      socket.inet_aton(link.address))
+            self._sock.sendto(packet, destination)
+        except OSError as exc:
+            self._quiet.warning((link.name, exc.errno), "mDNS: cannot send on %s (%s): %s",
+                                link.name, link.address, exc)
+
+    # timers: a small heap run by the thread; a rename makes older ones stale
+
+    def _schedule(self, delay_s, function, *args, lasting=False):
+        """Run ``function`` on the thread after ``delay_s``; a rename drops the
+        pending ones unless ``lasting``."""
+        generation = None if lasting else self._generation
+        heapq.heappush(self._timers, (time.monotonic() + delay_s, next(_timer_sequence),
+                                      generation, function, args))
+
+    def _next_timer_in(self):
+        if not self._timers:
+            return None
+        return max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _run_due_timers(self):
+        while self._timers and self._timers[0][0] <= time.monotonic():
+            _, _, generation, function, args = heapq.heappop(self._timers)
+            if generation is None or generation == self._generation:
+                function(*args)
+
+    def _start_probing(self, delay_s):
+        self._generation += 1
+        self.state = "waiting"
+        self._schedule(delay_s, self._probe, 0)
+
+    def _probe(self, count):
+        """Ask whether anyone else uses our names (section 8.1): QU/ANY
+        questions, our proposed records in the authority section."""
+        self.state = "probing"
+        if count == MDNS_PROBES:
+            return self._announce(0)
+        for link in self._interfaces():
+            records = self.records(link)
+            query = Message(0, 0, [Question(self.instance_name, DNS_ANY, True),
+                                   Question(self.host_name, DNS_ANY, True)],
+                            [], [records["srv"], records["txt"]] + records["a"], [])
+            self._send(encode_message(query), (self.group, self.port), link)
+        self._schedule(self.timings.probe_interval_s, self._probe, count + 1)
+
+    def _announce(self, count):
+        if count == 0:
+            self.state = "announced"
+            log.info("mDNS: announced as %s on %s", self.instance,
+                     ", ".join("%s (%s)" % (l.name, l.address) for l in self._interfaces()))
+            self._announced_event.set()
+        now = time.monotonic()
+        for link in self._interfaces():
+            records = self.records(link)
+            answers = [records["types"], records["ptr"], records["srv"], records["txt"]] + records["a"]
+            for record in answers:
+                self._last_multicast[(link.name, record_key(record))] = now
+            self._send(response_packet(answers, [records["nsec"]]), (self.group, self.port), link)
+        if count < len(self.timings.announce_gaps_s):
+            self._schedule(self.timings.announce_gaps_s[count], self._announce, count + 1)
+
+    def _goodbye_packets(self):
+        """Every record with TTL 0, so browsers drop us at once (section 10.1)."""
+        packets = []
+        for link in self._interfaces():
+            records = self.records(link, ttl=0)
+            answers = [records["ptr"], records["srv"], records["txt"]] + records["a"]
+            packets.append((response_packet(answers, []), link))
+        return packets
+
+    def _send_goodbyes(self, copies):
+        packets = self._goodbye_packets()
+        for copy in range(copies):
+            if copy:
+                time.sleep(self.timings.goodbye_gap_s)  # on our own thread, at most 0.2 s
+            self._send_all(packets)
+
+    def _send_all(self, packets):
+        for packet, link in packets:
+            self._send(packet, (self.group, self.port), link)
+
+    def _interfaces(self):
+        """One link per interface: a packet carries all of its addresses."""
+        seen = {}
+        for link in self.links:
+            seen.setdefault(link.name, link)
+        return list(seen.values())
+
+    def _refresh_links(self):
+        """Follow laptops that change networks: rejoin and re-announce when the
+        addresses changed (RFC 6762 section 8.4)."""
+        self._schedule(self.timings.refresh_s, self._refresh_links, lasting=True)
+        links = network_links()
+        if sorted(links) == sorted(self.links):
+            return
+        for link in links:
+            if link.name not in {l.name for l in self.links}:
+                with contextlib.suppress(OSError):
+                    self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                                          socket.inet_aton(self.group) +
+                                          socket.inet_aton(link.address))
+        log.info("mDNS: the network addresses changed; announcing again")
+        self.links = links
+        if self.state == "announced":
+            self._generation += 1
+            self._announce(0)
+
+
+class MdnsUnavailable(GambiarraError):
+    """mDNS cannot run here; the message says why."""
+
+
+class QuietLog:
+    """Logs a message once per key (a source address, an interface), so a noisy
+    network cannot flood the hub's log."""
+
+    def __init__(self, limit=256):
+        self._seen, self._limit = set(), limit
+
+    def _first(self, key):
+        if key in self._seen or len(self._seen) >= self._limit:
+            return False
+        self._seen.add(key)
+        return True
+
+    def debug(self, key, message, *args):
+        if self._first(("debug", key)):
+            log.debug(message, *args)
+
+    def warning(self, key, message, *args):
+        if self._first(("warning", key)):
+            log.warning(message, *args)
+
+
+_timer_sequence = itertools.count()
+
+
+def response_packet(answers, additionals):
+    """A multicast-style response: ID 0, QR and AA set, no questions."""
+    return encode_message(Message(0, DNS_FLAG_RESPONSE | DNS_FLAG_AUTHORITATIVE, [],
+                                  answers, [], additionals))
+
+
+def select_readable(socks, timeout):
+    """select() for reading that also tolerates a socket closed meanwhile."""
+    try:
+        return select.select(socks, [], [], timeout)
+    except (OSError, ValueError):
+        return [], [], []
+
+
+def _flatten(items):
+    flat = []
+    for item in items:
+        flat += item if isinstance(item, list) else [item]
+    return flat
+
+
+def _unique(records):
+    seen, unique = set(), []
+    for record in records:
+        key = record_key(record)
+        if key not in seen:
+            seen.add(key)
+            unique.append(record)
+    return unique
+
+
+# --- the browser: how the CLI finds hubs ---
+
+FoundHub = collections.namedtuple("FoundHub", "name host port addresses txt url")
+
+
+class HubCollector:
+    """Pieces together hubs from the records of any number of responses."""
+
+    def __init__(self):
+        self.instances = {}   # instance name (lower) -> name as sent
+        self.sources = collections.defaultdict(list)
+        self.srv, self.txt = {}, {}
+        self.addresses = collections.defaultdict(list)
+
+    def add(self, message, source):
+        for record in message.answers + message.additionals:
+            name = record.name.lower()
+            if record.type == DNS_PTR and name == MDNS_SERVICE_TYPE.lower():
+                self._instance(record, source)
+            elif record.ttl == 0:
+                continue
+            elif record.type == DNS_SRV:
+                self.srv[name] = record.data
+            elif record.type == DNS_TXT:
+                self.txt[name] = record.data
+            elif record.type == DNS_A and record.data not in self.addresses[name]:
+                self.addresses[name].append(record.data)
+
+    def _instance(self, record, source):
+        key = record.data.lower()
+        if record.ttl == 0:  # a goodbye
+            self.instances.pop(key, None)
+            return
+        self.instances.setdefault(key, record.data)
+        if source[0] not in self.sources[key]:
+            self.sources[key].append(source[0])
+
+    def hubs(self):
+        found = []
+        for key, name in self.instances.items():
+            if key not in self.srv:
+                continue
+            _, _, port, target = self.srv[key]
+            addresses = self.addresses.get(target.lower(), [])
+            txt = txt_fields(self.txt.get(key, ()))
+            address = best_address(addresses, self.sources[key])
+            path = txt.get("path", "/").rstrip("/")
+            url = "http://%s:%d%s" % (address, port, path) if address else None
+            found.append(FoundHub(instance_label(name), target, port, addresses, txt, url))
+        return sorted((hub for hub in found if hub.url), key=lambda hub: hub.name.lower())
+
+
+def best_address(addresses, sources):
+    """The address to call a hub at: one that sent us its answer (so we know it
+    is reachable) and that others could use too (not loopback) comes first."""
+    candidates = list(addresses) + [s for s in sources if s not in addresses]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda a: (a.startswith("127."), a not in sources,
+                                          candidates.index(a)))
+
+
+def discover_hubs(timeout_s=None, settle_s=None, port=None, group=MDNS_GROUP, links=None,
+                  listen=True):
+    """Hubs that answer a DNS-SD query within ``timeout_s`` (or ``settle_s``
+    after the first answer). The query is one-shot from a port of our own, so
+    no 5353 is needed; with ``listen``, 5353 is also watched for multicast
+    answers (the original TypeScript hub answers only those)."""
+    timeout_s = MDNS_BROWSE_S if timeout_s is None else timeout_s
+    port = MDNS_PORT if port is None else port
+    links = network_links() if links is None else links
+    query_id = random.randint(1, 0xFFFF)
+    query = encode_message(Message(query_id, 0, [Question(MDNS_SERVICE_TYPE, DNS_PTR, False)],
+                                   [], [], []))
+    asker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener = None
+    try:
+        asker.bind(("", 0))
+        asker.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, struct.pack("B", 255))
+        if listen:
+            listener = _passive_listener(port, links, group)
+        collector = HubCollector()
+        _send_query(asker, query, links, (group, port))
+        start = time.monotonic()
+        deadline, retried = start + timeout_s, False
+        while True:
+            now = time.monotonic()
+            if not retried and now - start >= MDNS_BROWSE_RETRY_S:
+                if not collector.instances:  # a lost datagram, or a hub still probing
+                    _send_query(asker, query, links, (group, port))
+                retried = True
+            if now >= deadline:
+                break
+            wake = deadline if retried else min(deadline, start + MDNS_BROWSE_RETRY_S)
+            ready, _, _ = select_readable([s for s in (asker, listener) if s], wake - now)
+            for sock in ready:
+                _read_answer(sock, sock is asker, query_id, port, collector)
+            if settle_s is not None and collector.hubs():
+                deadline = min(deadline, time.monotonic() + settle_s)
+                settle_s = None
+    finally:
+        asker.close()
+        if listener is not None:
+            listener.close()
+    return collector.hubs()
+
+
+def _passive_listener(port, links, group):
+    try:
+        sock, _ = open_mdns_socket(port, links, group, warn=False)
+        return sock
+    except OSError as exc:
+        log.debug("mDNS: not listening on port %d: %s", port, exc)
+        return None
+
+
+def _send_query(sock, query, links, destination):
+    """Send the query out of every interface, loopback included, so a hub on
+    this machine is found even with Wi-Fi off."""
+    names = set()
+    for link in links:
+        if link.name in names:
+            continue
+        names.add(link.name)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                            socket.inet_aton(link.address))
+            sock.sendto(query, destination)
+        except OSError as exc:
+            log.debug("mDNS: cannot query on %s: %s", link.name, exc)
+
+
+def _read_answer(sock, one_shot, query_id, port, collector):
+    """Take one datagram if it is an answer for us: on our own port, a reply
+    to our query ID (RFC 6762 section 6); on 5353, a response from 5353."""
+    try:
+        datagram, source = sock.recvfrom(MDNS_MAX_PACKET_BYTES + 1)
+        message = decode_message(datagram)
+    except (OSError, MdnsDecodeError):
+        return
+    if not message.flags & DNS_FLAG_RESPONSE or message.flags & DNS_OPCODE_MASK:
+        return
+    if (message.id == query_id) if one_shot else (source[1] == port):
+        collector.add(message, source)
 
 
 # === Participant agent ===
@@ -3201,6 +4299,7 @@ open, so your server can stay on 127.0.0.1. Ctrl-C leaves the room.
 
 EPILOG_SERVE = """examples:
   python3 gambiarra.py serve                    # port 3000 on every interface
+  python3 gambiarra.py serve --mdns             # and found on the network: no --hub needed
   python3 gambiarra.py serve --port 8000 --quiet
   python3 gambiarra.py serve --health-interval 2 --backend-timeout 60
 """
@@ -3299,6 +4398,9 @@ def build_parser():
     serve.add_argument("--state", default=None, metavar="PATH",
                        help="file that keeps the rooms across restarts (default: "
                             "$XDG_STATE_HOME/gambiarra/hub-PORT.json; '' keeps none)")
+    serve.add_argument("--mdns", action="store_true",
+                       help="advertise the hub on the local network (mDNS/DNS-SD), so "
+                            "clients find it without --hub")
     serve.set_defaults(func=cmd_serve)
 
     create = commands.add_parser(
@@ -3324,7 +4426,30 @@ def build_parser():
     add_join_parser(commands)
     add_chat_parser(commands)
     add_monitor_parser(commands)
+    add_discover_parser(commands)
     return parser
+
+
+EPILOG_DISCOVER = """examples:
+  python3 gambiarra.py discover                 # one URL per line
+  python3 gambiarra.py discover --json          # name, addresses, port and TXT of each
+  export GAMBIARRA_HUB=$(python3 gambiarra.py discover | head -n 1)
+
+Finds hubs started with 'serve --mdns'. Exits 1 when none answers.
+"""
+
+
+def add_discover_parser(commands):
+    discover = commands.add_parser(
+        "discover", help="find the hubs on the local network", epilog=EPILOG_DISCOVER,
+        description="Ask the local network (mDNS) for Gambiarra hubs and print the URL "
+                    "of each one that answers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    discover.add_argument("--timeout", type=positive_float, default=MDNS_BROWSE_S,
+                          metavar="S", help="seconds to wait for answers (default: %(default)s)")
+    discover.add_argument("--json", action="store_true",
+                          help="print a JSON list: name, host, port, addresses, txt, url")
+    discover.set_defaults(func=cmd_discover)
 
 
 def add_chat_parser(commands):
@@ -3405,8 +4530,46 @@ def add_join_parser(commands):
 
 
 def add_hub_argument(parser):
-    parser.add_argument("--hub", default=os.environ.get("GAMBIARRA_HUB") or DEFAULT_HUB_URL,
-                        help="hub URL (default: $GAMBIARRA_HUB or %s)" % DEFAULT_HUB_URL)
+    parser.add_argument("--hub", default=None,
+                        help="hub URL (default: $GAMBIARRA_HUB, else the hub found on the "
+                             "local network by mDNS, else %s)" % DEFAULT_HUB_URL)
+
+
+def find_hub():
+    """The hub to use when none is named: the one hub that answers on the
+    local network, else localhost. Notes go to stderr, stdout stays clean."""
+    hubs = discover_hubs(settle_s=MDNS_BROWSE_SETTLE_S)
+    if not hubs:
+        print("no hub answered on the local network (mDNS); trying %s" % DEFAULT_HUB_URL,
+              file=sys.stderr)
+        return DEFAULT_HUB_URL
+    if len(hubs) > 1:
+        raise GambiarraError("%d hubs answered on the local network; choose one with "
+                             "--hub URL (or set GAMBIARRA_HUB):\n%s" % (
+                                 len(hubs), "\n".join(describe_hub(hub) for hub in hubs)))
+    print("using hub %s at %s (found by mDNS)" % (printable(hubs[0].name), hubs[0].url),
+          file=sys.stderr)
+    return hubs[0].url
+
+
+def describe_hub(hub):
+    version = hub.txt.get("version")
+    return "  %s  %s%s" % (hub.url, printable(hub.name),
+                           " (version %s)" % printable(version) if version else "")
+
+
+def cmd_discover(args):
+    hubs = discover_hubs(timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps([hub._asdict() for hub in hubs], indent=2))
+    else:
+        for hub in hubs:
+            print(hub.url)
+    if not hubs:
+        print("no hub answered within %g s; is one running with 'serve --mdns'?" % args.timeout,
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def print_banner(hub):
@@ -3422,6 +4585,8 @@ def print_banner(hub):
               "  or with curl:  curl -X POST %s/rooms -H 'Content-Type: application/json' "
               "-d '{\"name\": \"My room\"}'" % urls[-1],
               "OpenAI clients:  base URL %s/rooms/CODE/v1" % urls[-1],
+              "Clients on this network find the hub by themselves (mDNS)" if hub.mdns_responder else
+              "Clients need --hub URL (start with --mdns to be found without it)",
               "Rooms are kept in %s" % hub.state.path if hub.state else
               "Rooms are not kept across restarts (--state '')",
               "Press Ctrl-C to stop."]
@@ -3463,7 +4628,7 @@ def cmd_serve(args):
     level = logging.WARNING if args.quiet else getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    hub = Hub(args.host, args.port, max_body=args.max_body,
+    hub = Hub(args.host, args.port, mdns=args.mdns, max_body=args.max_body,
               connect_timeout=args.connect_timeout, backend_timeout=args.backend_timeout,
               health_interval=args.health_interval,
               participant_timeout=args.participant_timeout, forget_after=args.forget_after,
@@ -4048,6 +5213,8 @@ def main(argv=None):
     """Run the command line; returns the exit status (0, 1, 2 or 130)."""
     args = build_parser().parse_args(argv)
     try:
+        if "hub" in vars(args) and args.hub is None:
+            args.hub = os.environ.get("GAMBIARRA_HUB") or find_hub()
         return args.func(args)
     except GambiarraError as exc:
         print("error: %s" % exc, file=sys.stderr)

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.parse
 import urllib.request
 
@@ -1562,6 +1563,532 @@ class TestHubLifecycle(unittest.TestCase):
                 self.assertEqual(response.status, 200)
         with self.assertRaises(OSError):
             socket.create_connection(("127.0.0.1", hub.port), timeout=1).close()
+
+
+# === mDNS ===
+
+LOOPBACK = gambiarra.Link("lo", "127.0.0.1", "255.0.0.0")
+LAN = gambiarra.Link("eth0", "192.0.2.2", "255.255.255.0")
+WIFI = gambiarra.Link("wlan0", "10.9.0.1", "255.255.0.0")
+#: Fast protocol timings: a responder announces within about 50 ms.
+FAST_MDNS = dict(probe_wait_s=0, probe_interval_s=0.01, announce_gaps_s=(0.05, 0.1),
+                 goodbye_gap_s=0.01, shared_delay_s=(0, 0.001))
+SERVICE = gambiarra.MDNS_SERVICE_TYPE
+
+
+def dns_query(*questions, ident=0, known=(), authorities=()):
+    """The bytes of a query: questions are (name, type) or (name, type, unicast)."""
+    return gambiarra.encode_message(gambiarra.Message(
+        ident, 0, [gambiarra.Question(*(q + (False,))[:3]) for q in questions],
+        list(known), list(authorities), []))
+
+
+def multicast_socket(port, link=LOOPBACK):
+    """A socket on the test's mDNS port, in the group on loopback: it sees what
+    responders multicast, and sends from that port like a peer responder."""
+    sock, joined = gambiarra.open_mdns_socket(port, [link])
+    if not joined:
+        sock.close()
+        raise unittest.SkipTest("this host cannot join a multicast group on 127.0.0.1")
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(link.address))
+    return sock
+
+
+def one_shot_socket():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    return sock
+
+
+def receive_messages(sock, until, timeout=WAIT_S):
+    """Decode datagrams from ``sock`` until ``until(messages)`` is true or the
+    timeout; return (messages, sources)."""
+    messages, sources = [], []
+    deadline = time.monotonic() + timeout
+    while not until(messages) and time.monotonic() < deadline:
+        ready, _, _ = select.select([sock], [], [], deadline - time.monotonic())
+        if ready:
+            data, source = sock.recvfrom(65536)
+            with contextlib.suppress(gambiarra.MdnsDecodeError):
+                messages.append(gambiarra.decode_message(data))
+                sources.append(source)
+    return messages, sources
+
+
+def names_in(message, rtype=None):
+    return [r.name for r in message.answers + message.additionals
+            if rtype is None or r.type == rtype]
+
+
+class TestMdnsAnswers(unittest.TestCase):
+    """The query logic, without sockets: MdnsResponder.answer(datagram, source)."""
+
+    def setUp(self):
+        self.responder = gambiarra.MdnsResponder(
+            3000, instance="gambiarra-hub-3000", host_label="gambiarra-pi",
+            links=[LOOPBACK, LAN, WIFI], timings=gambiarra.MdnsTimings(shared_delay_s=(0.02, 0.12)))
+        self.responder.state = "announced"
+
+    def answer(self, datagram, source=("192.0.2.7", 5353), now=100.0):
+        return self.responder.answer(datagram, source, now)
+
+    def only_reply(self, *args, **kwargs):
+        replies = self.answer(*args, **kwargs)
+        self.assertEqual(len(replies), 1, replies)
+        return replies[0], gambiarra.decode_message(replies[0].packet)
+
+    def test_service_ptr_carries_srv_txt_and_addresses(self):
+        reply, message = self.only_reply(dns_query((SERVICE, gambiarra.DNS_PTR)))
+        self.assertEqual(reply.destination, (gambiarra.MDNS_GROUP, 5353))
+        self.assertTrue(0.02 <= reply.delay_s <= 0.12)  # a shared answer waits 20-120 ms
+        self.assertEqual((message.id, message.flags, message.questions), (0, 0x8400, []))
+        self.assertEqual([(r.type, r.data) for r in message.answers],
+                         [(gambiarra.DNS_PTR, "gambiarra-hub-3000." + SERVICE)])
+        self.assertFalse(message.answers[0].unique)  # never cache-flush a shared PTR
+        extra = {r.type: r for r in message.additionals}
+        self.assertEqual(extra[gambiarra.DNS_SRV].data, (0, 0, 3000, "gambiarra-pi.local"))
+        self.assertEqual(gambiarra.txt_fields(extra[gambiarra.DNS_TXT].data),
+                         {"txtvers": "1", "version": gambiarra.__version__,
+                          "protocol": "http", "path": "/"})
+        self.assertEqual(extra[gambiarra.DNS_A].data, "192.0.2.2")
+        self.assertEqual((extra[gambiarra.DNS_SRV].ttl, extra[gambiarra.DNS_TXT].ttl,
+                          extra[gambiarra.DNS_A].ttl, message.answers[0].ttl),
+                         (120, 4500, 120, 4500))
+        self.assertTrue(all(r.unique for r in message.additionals))
+        self.assertIn(gambiarra.DNS_NSEC, extra)  # "no AAAA here"
+
+    def test_service_type_enumeration(self):
+        _, message = self.only_reply(dns_query(("_services._dns-sd._udp.local", gambiarra.DNS_PTR)))
+        self.assertEqual([r.data for r in message.answers], [SERVICE])
+        self.assertEqual(message.additionals, [])
+
+    def test_instance_and_host_questions_any_case(self):
+        instance = "GAMBIARRA-hub-3000._Gambiarra._tcp.local"
+        cases = [((instance, gambiarra.DNS_SRV), [gambiarra.DNS_SRV]),
+                 ((instance, gambiarra.DNS_TXT), [gambiarra.DNS_TXT]),
+                 ((instance, gambiarra.DNS_ANY), [gambiarra.DNS_SRV, gambiarra.DNS_TXT]),
+                 (("Gambiarra-PI.local", gambiarra.DNS_A), [gambiarra.DNS_A]),
+                 (("gambiarra-pi.local", gambiarra.DNS_ANY), [gambiarra.DNS_A]),
+                 (("gambiarra-pi.local", gambiarra.DNS_AAAA), [gambiarra.DNS_NSEC])]
+        for index, (question, types) in enumerate(cases):
+            with self.subTest(question=question):  # seconds apart: no repeat suppression
+                reply, message = self.only_reply(dns_query(question), now=100.0 + 2 * index)
+                self.assertEqual([r.type for r in message.answers], types)
+                self.assertEqual(reply.delay_s, 0)  # unique answers go at once
+
+    def test_silent_on_what_is_not_ours(self):
+        for question in (("_http._tcp.local", gambiarra.DNS_PTR),
+                         ("other-hub._gambiarra._tcp.local", gambiarra.DNS_SRV),
+                         ("raspberrypi.local", gambiarra.DNS_A),
+                         (SERVICE, gambiarra.DNS_TXT)):
+            self.assertEqual(self.answer(dns_query(question)), [], question)
+
+    def test_silent_until_announced(self):
+        self.responder.state = "probing"
+        self.assertEqual(self.answer(dns_query((SERVICE, gambiarra.DNS_PTR))), [])
+
+    def test_known_answer_suppression(self):
+        ours = gambiarra.Record(SERVICE, gambiarra.DNS_PTR, 4500,
+                                "gambiarra-hub-3000." + SERVICE, False)
+        self.assertEqual(self.answer(dns_query((SERVICE, gambiarra.DNS_PTR), known=[ours])), [])
+        stale = ours._replace(ttl=100)  # below half our TTL: the querier needs a refresh
+        self.assertEqual(len(self.answer(dns_query((SERVICE, gambiarra.DNS_PTR),
+                                                   known=[stale]))), 1)
+
+    def test_qu_gets_unicast_and_multicast_at_most_once_a_second(self):
+        query = dns_query((SERVICE, gambiarra.DNS_PTR, True))
+        first = self.answer(query, now=100.0)
+        self.assertEqual([r.destination for r in first],
+                         [("192.0.2.7", 5353), (gambiarra.MDNS_GROUP, 5353)])
+        unicast = gambiarra.decode_message(first[0].packet)
+        self.assertEqual((unicast.id, unicast.questions), (0, []))
+        again = self.answer(query, now=100.5)
+        self.assertEqual([r.destination for r in again], [("192.0.2.7", 5353)])
+        self.assertEqual(len(self.answer(dns_query((SERVICE, gambiarra.DNS_PTR)), now=100.6)), 0)
+        self.assertEqual(len(self.answer(dns_query((SERVICE, gambiarra.DNS_PTR)), now=101.1)), 1)
+
+    def test_legacy_query_gets_a_plain_dns_reply(self):
+        query = dns_query((SERVICE, gambiarra.DNS_PTR), ident=0x1234)
+        reply, message = self.only_reply(query, source=("10.9.3.4", 40000))
+        self.assertEqual(reply.destination, ("10.9.3.4", 40000))
+        self.assertEqual(message.id, 0x1234)
+        self.assertEqual(message.questions, [gambiarra.Question(SERVICE, gambiarra.DNS_PTR, False)])
+        records = message.answers + message.additionals
+        self.assertTrue(all(r.ttl <= 10 and not r.unique for r in records), records)
+        self.assertLessEqual(len(reply.packet), 512)
+        self.assertEqual([r.data for r in records if r.type == gambiarra.DNS_A], ["10.9.0.1"])
+
+    def test_each_interface_gets_its_own_addresses(self):
+        for index, (source, address) in enumerate((
+                                (("192.0.2.7", 5353), "192.0.2.2"),
+                                (("10.9.200.5", 5353), "10.9.0.1"),
+                                (("127.0.0.1", 5353), "127.0.0.1"),
+                                (("10.9.0.1", 5353), "10.9.0.1"),       # ourselves
+                                (("198.51.100.1", 5353), "192.0.2.2"))):  # off-link
+            _, message = self.only_reply(dns_query(("gambiarra-pi.local", gambiarra.DNS_A)),
+                                         source=source, now=100.0 + 2 * index)
+            self.assertEqual([r.data for r in message.answers], [address], source)
+
+    def test_a_probe_for_our_name_is_answered_at_once(self):
+        self.answer(dns_query(("gambiarra-hub-3000." + SERVICE, gambiarra.DNS_ANY)), now=100.0)
+        claim = gambiarra.Record("gambiarra-hub-3000." + SERVICE, gambiarra.DNS_SRV, 120,
+                                 (0, 0, 4000, "other.local"), True)
+        probe = dns_query(("gambiarra-hub-3000." + SERVICE, gambiarra.DNS_ANY, True),
+                          authorities=[claim])
+        replies = self.answer(probe, now=100.1)  # within a second, yet multicast too
+        self.assertEqual([(r.destination[0], r.delay_s) for r in replies],
+                         [("192.0.2.7", 0), (gambiarra.MDNS_GROUP, 0)])
+
+    def test_conflicting_response_renames_and_probes_again(self):
+        theirs = gambiarra.Record("gambiarra-hub-3000." + SERVICE, gambiarra.DNS_SRV, 120,
+                                  (0, 0, 3000, "someone-else.local"), True)
+        logs = CapturedLogs(self)
+        self.answer(gambiarra.response_packet([theirs], []))
+        self.assertEqual(self.responder.instance, "gambiarra-hub-3000 (2)")
+        self.assertEqual(self.responder.host, "gambiarra-pi")  # only the name in conflict
+        self.assertEqual(self.responder.state, "waiting")
+        self.assertIn("advertising as gambiarra-hub-3000 (2)", logs.at(logging.WARNING)[0])
+
+    def test_our_own_records_and_goodbyes_are_no_conflict(self):
+        for record in gambiarra._flatten(self.responder.records(LAN).values()):
+            self.answer(gambiarra.response_packet([record], []))
+            self.answer(gambiarra.response_packet([record._replace(ttl=0)], []))
+        self.assertEqual((self.responder.instance, self.responder.renames),
+                         ("gambiarra-hub-3000", 0))
+
+    def test_ignores_other_opcodes_and_legacy_queries_with_records(self):
+        query = bytearray(dns_query((SERVICE, gambiarra.DNS_PTR)))
+        query[2] |= 0x28  # opcode 5 (update)
+        self.assertEqual(self.answer(bytes(query)), [])
+        known = gambiarra.Record(SERVICE, gambiarra.DNS_PTR, 1, "x." + SERVICE, False)
+        self.assertEqual(self.answer(dns_query((SERVICE, gambiarra.DNS_PTR), known=[known]),
+                                     source=("192.0.2.7", 40000)), [])
+
+    def test_malformed_datagram_raises_decode_error_only(self):
+        with self.assertRaises(gambiarra.MdnsDecodeError):
+            self.answer(b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c")
+
+
+class MdnsTestCase(unittest.TestCase):
+    """Responders on loopback, on a port of the test's own (never 5353)."""
+
+    def setUp(self):
+        self.threads_before = threading.active_count()
+        self.addCleanup(self.check_no_thread_leak)
+        self.peer = multicast_socket(0)  # picks the port; sees every multicast
+        self.addCleanup(self.peer.close)
+        self.mdns_port = self.peer.getsockname()[1]
+
+    def check_no_thread_leak(self):
+        self.assertTrue(wait_until(lambda: threading.active_count() <= self.threads_before),
+                        threading.enumerate())
+
+    def responder(self, service_port=3000, **options):
+        options.setdefault("links", [LOOPBACK])
+        responder = gambiarra.MdnsResponder(
+            service_port, port=self.mdns_port, timings=gambiarra.MdnsTimings(**FAST_MDNS),
+            host_label=options.pop("host_label", "gambiarra-test"), **options)
+        self.addCleanup(responder.close)
+        return responder
+
+    def started(self, service_port=3000, **options):
+        responder = self.responder(service_port, **options).start()
+        self.assertTrue(responder.wait_announced(WAIT_S))
+        return responder
+
+    def legacy_query(self, *questions, ident=0x4242):
+        asker = one_shot_socket()
+        self.addCleanup(asker.close)
+        asker.sendto(dns_query(*questions, ident=ident), (gambiarra.MDNS_GROUP, self.mdns_port))
+        messages, _ = receive_messages(asker, lambda found: found)
+        return messages[0] if messages else None
+
+
+class TestMdnsResponder(MdnsTestCase):
+    def test_answers_a_legacy_query_on_loopback(self):
+        self.started()
+        reply = self.legacy_query((SERVICE, gambiarra.DNS_PTR))
+        self.assertIsNotNone(reply, "no reply within %d s" % WAIT_S)
+        self.assertEqual(reply.id, 0x4242)
+        self.assertEqual(reply.questions[0].name, SERVICE)
+        self.assertEqual(reply.answers[0].data, "gambiarra-hub-3000." + SERVICE)
+        self.assertEqual([r.data for r in reply.additionals if r.type == gambiarra.DNS_A],
+                         ["127.0.0.1"])
+
+    def test_answers_a_multicast_query_from_the_mdns_port(self):
+        self.started()
+        messages, _ = receive_messages(self.peer, lambda found: len(found) >= 3)  # announcements
+        self.peer.sendto(dns_query(("gambiarra-test.local", gambiarra.DNS_A)),
+                         (gambiarra.MDNS_GROUP, self.mdns_port))
+        time_of_query = time.monotonic()
+        answers, sources = receive_messages(
+            self.peer, lambda found: any(m.flags & 0x8000 for m in found[1:]))
+        replies = [m for m in answers if m.flags & 0x8000]
+        self.assertTrue(replies, "no multicast answer")
+        self.assertEqual(sources[answers.index(replies[0])][1], self.mdns_port)
+        self.assertLess(time.monotonic() - time_of_query, WAIT_S)
+
+    def test_announces_three_times_with_every_record(self):
+        responder = self.started()
+        messages, sources = receive_messages(
+            self.peer, lambda found: len([m for m in found if m.flags & 0x8000]) >= 3)
+        announcements = [m for m in messages if m.flags & 0x8000]
+        self.assertEqual(len(announcements), 3)
+        for message, source in zip(announcements, sources):
+            self.assertEqual((message.id, message.questions, message.authorities), (0, [], []))
+            self.assertEqual(sorted(r.type for r in message.answers),
+                             [gambiarra.DNS_A, gambiarra.DNS_PTR, gambiarra.DNS_PTR,
+                              gambiarra.DNS_TXT, gambiarra.DNS_SRV])
+            self.assertEqual(source[1], self.mdns_port)  # responses leave from the mDNS port
+        self.assertEqual(responder.renames, 0)  # our own probes echoed back are no conflict
+
+    def test_default_schedule_follows_the_rfc(self):
+        timings = gambiarra.MdnsTimings()
+        self.assertEqual((timings.probe_wait_s, timings.probe_interval_s), (0.25, 0.25))
+        self.assertEqual(timings.announce_gaps_s, (1.0, 2.0))  # at 0, 1 and 3 s
+        self.assertEqual(timings.shared_delay_s, (0.02, 0.12))
+
+    def test_probes_before_announcing(self):
+        self.responder().start()
+        messages, _ = receive_messages(self.peer, lambda found: any(m.flags for m in found))
+        probes = [m for m in messages if not m.flags]
+        self.assertEqual(len(probes), 3)
+        for probe in probes:
+            self.assertEqual({(q.name, q.type, q.unicast) for q in probe.questions},
+                             {("gambiarra-hub-3000." + SERVICE, gambiarra.DNS_ANY, True),
+                              ("gambiarra-test.local", gambiarra.DNS_ANY, True)})
+            self.assertEqual(sorted(r.type for r in probe.authorities),
+                             [gambiarra.DNS_A, gambiarra.DNS_TXT, gambiarra.DNS_SRV])
+
+    def test_goodbye_on_close(self):
+        responder = self.started()
+        sock = responder._sock
+        responder.close()
+        self.assertEqual(sock.fileno(), -1)
+        self.assertFalse(responder._thread.is_alive())
+        messages, _ = receive_messages(
+            self.peer, lambda found: any(r.ttl == 0 for m in found for r in m.answers))
+        goodbye = [m for m in messages if m.answers and all(r.ttl == 0 for r in m.answers)]
+        self.assertTrue(goodbye, "no goodbye")
+        self.assertEqual(sorted(r.type for r in goodbye[0].answers),
+                         [gambiarra.DNS_A, gambiarra.DNS_PTR, gambiarra.DNS_TXT, gambiarra.DNS_SRV])
+
+    def test_renames_when_another_hub_has_the_name(self):
+        logs = CapturedLogs(self)
+        responder = self.responder()
+        responder.start()
+        probe, _ = receive_messages(self.peer, lambda found: any(
+            m.authorities for m in found))  # the first probe: defend the name
+        theirs = gambiarra.Record("gambiarra-hub-3000." + SERVICE, gambiarra.DNS_SRV, 120,
+                                  (0, 0, 3000, "elsewhere.local"), True)
+        self.peer.sendto(gambiarra.response_packet([theirs], []),
+                         (gambiarra.MDNS_GROUP, self.mdns_port))
+        self.assertTrue(responder.wait_announced(WAIT_S))
+        self.assertEqual(responder.instance, "gambiarra-hub-3000 (2)")
+        self.assertIn("advertising as gambiarra-hub-3000 (2)", logs.at(logging.WARNING)[0])
+        reply = self.legacy_query((SERVICE, gambiarra.DNS_PTR))
+        self.assertEqual(reply.answers[0].data, "gambiarra-hub-3000 (2)." + SERVICE)
+
+    def test_two_hubs_on_one_port_both_show(self):
+        logs = CapturedLogs(self)
+        first = self.started(3000, instance="gambiarra-hub-3000")
+        second = self.started(3000, instance="gambiarra-hub-3000", host_label="gambiarra-test")
+        self.assertEqual(first.instance, "gambiarra-hub-3000")
+        self.assertEqual(second.instance, "gambiarra-hub-3000 (2)")
+        self.assertEqual(second.host, "gambiarra-test-2")  # the host name too was taken
+        hubs = gambiarra.discover_hubs(timeout_s=1, port=self.mdns_port, links=[LOOPBACK])
+        self.assertEqual([hub.name for hub in hubs],
+                         ["gambiarra-hub-3000", "gambiarra-hub-3000 (2)"])
+        self.assertEqual(len(logs.at(logging.WARNING)), 1)  # the rename, said once
+
+    def test_garbage_never_kills_the_responder(self):
+        self.started()
+        garbage = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(garbage.close)
+        rng = __import__("random").Random(7)
+        for size in (0, 1, 11, 12, 13, 40, 300, 9500):
+            garbage.sendto(bytes(rng.getrandbits(8) for _ in range(size)),
+                           ("127.0.0.1", self.mdns_port))
+        garbage.sendto(b"\x00" * 4 + b"\x00\x01" + b"\x00" * 6 + b"\xc0\x0c\x00\x0c\x00\x01",
+                       ("127.0.0.1", self.mdns_port))  # a self-pointing name
+        reply = self.legacy_query((SERVICE, gambiarra.DNS_PTR))
+        self.assertIsNotNone(reply)
+
+    def test_an_interface_that_cannot_join_is_skipped_with_a_warning(self):
+        logs = CapturedLogs(self)
+        fake = gambiarra.Link("fake0", "203.0.113.9", "255.255.255.0")
+        responder = self.started(links=[LOOPBACK, fake])
+        self.assertEqual(responder.links, [LOOPBACK])
+        self.assertTrue(any("fake0" in line for line in logs.at(logging.WARNING)))
+        self.assertIsNotNone(self.legacy_query((SERVICE, gambiarra.DNS_PTR)))
+
+    def test_no_usable_interface_is_an_error_with_the_cause(self):
+        CapturedLogs(self)
+        fake = gambiarra.Link("fake0", "203.0.113.9", "255.255.255.0")
+        with self.assertRaises(gambiarra.MdnsUnavailable) as caught:
+            self.responder(links=[fake]).start()
+        self.assertIn("multicast", str(caught.exception))
+
+
+class TestHubMdns(MdnsTestCase):
+    def hub(self, **mdns_options):
+        options = dict(port=self.mdns_port, links=[LOOPBACK],
+                       timings=gambiarra.MdnsTimings(**FAST_MDNS))
+        options.update(mdns_options)
+        hub = gambiarra.Hub("127.0.0.1", 0, mdns=True, mdns_options=options).start()
+        self.addCleanup(hub.close)
+        return hub
+
+    def test_hub_is_advertised_and_says_goodbye(self):
+        hub = self.hub()
+        self.assertTrue(hub.mdns_responder.wait_announced(WAIT_S))
+        self.assertEqual(hub.mdns_responder.instance, "gambiarra-hub-%d" % hub.port)
+        hubs = gambiarra.discover_hubs(timeout_s=1, port=self.mdns_port, links=[LOOPBACK])
+        self.assertEqual([h.url for h in hubs], ["http://127.0.0.1:%d" % hub.port])
+        hub.close()
+        messages, _ = receive_messages(self.peer, lambda found: any(
+            r.ttl == 0 for m in found for r in m.answers))
+        self.assertTrue(any(r.ttl == 0 and r.type == gambiarra.DNS_PTR
+                            for m in messages for r in m.answers))
+
+    def test_port_held_exclusively_is_one_warning_and_http_goes_on(self):
+        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # no SO_REUSEADDR
+        self.addCleanup(busy.close)
+        busy.bind(("", 0))
+        logs = CapturedLogs(self)
+        hub = self.hub(port=busy.getsockname()[1])
+        self.assertIsNone(hub.mdns_responder)
+        warnings = logs.at(logging.WARNING)
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("held exclusively", warnings[0])
+        self.assertIn("--hub http://", warnings[0])
+        with urllib_open(hub.url + "/health") as response:
+            self.assertEqual(response.status, 200)
+
+
+class FakeMdnsPeer:
+    """Answers every PTR query for our service with ``reply(query, source)``,
+    from the test's mDNS port: stands in for odd or hostile responders."""
+
+    def __init__(self, sock, reply):
+        self.sock, self.reply = sock, reply
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop.is_set():
+            ready, _, _ = select.select([self.sock], [], [], 0.05)
+            if ready:
+                data, source = self.sock.recvfrom(65536)
+                message = gambiarra.decode_message(data)
+                if not message.flags & 0x8000:
+                    for packet in self.reply(message, source):
+                        self.sock.sendto(packet, source)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(WAIT_S)
+
+
+class TestDiscovery(MdnsTestCase):
+    """The CLI's browser: ``discover`` and the commands run without --hub."""
+
+    def run_main(self, *argv, browse_s=1.0):
+        patches = [unittest.mock.patch.object(gambiarra, "MDNS_PORT", self.mdns_port),
+                   unittest.mock.patch.object(gambiarra, "MDNS_BROWSE_S", browse_s),
+                   unittest.mock.patch.object(gambiarra, "network_links", lambda: [LOOPBACK]),
+                   unittest.mock.patch.dict(os.environ)]
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            os.environ.pop("GAMBIARRA_HUB", None)
+            return TestCli.run_main(self, *argv)
+
+    def hub(self, **options):
+        hub = gambiarra.Hub("127.0.0.1", 0, mdns=True, mdns_options=dict(
+            port=self.mdns_port, links=[LOOPBACK], timings=gambiarra.MdnsTimings(**FAST_MDNS),
+            **options)).start()
+        self.addCleanup(hub.close)
+        self.assertTrue(hub.mdns_responder.wait_announced(WAIT_S))
+        return hub
+
+    def test_one_hub_is_used_and_named_on_stderr(self):
+        hub = self.hub()
+        status, out, err = self.run_main("create", "Found")
+        self.assertEqual(status, 0, err)
+        self.assertRegex(out.strip(), r"^[A-Z0-9]{6}$")  # stdout stays the code alone
+        self.assertIn("using hub gambiarra-hub-%d at %s" % (hub.port, hub.url), err)
+        status, out, _ = self.run_main("list")
+        self.assertIn("Found", out)
+
+    def test_several_hubs_are_listed_and_the_command_stops(self):
+        CapturedLogs(self)  # the second hub renames its host name: a warning
+        first, second = self.hub(), self.hub()
+        status, out, err = self.run_main("list")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("2 hubs answered", err)
+        self.assertIn(first.url, err)
+        self.assertIn(second.url, err)
+        self.assertIn("--hub", err)
+
+    def test_no_hub_falls_back_to_localhost_and_says_so(self):
+        started = time.monotonic()
+        hub_url = []
+        with unittest.mock.patch.object(gambiarra, "hub_request",
+                                        lambda url, *args, **kw: hub_url.append(url) or
+                                        {"rooms": []}):
+            status, _, err = self.run_main("list", browse_s=0.3)
+        self.assertEqual((status, hub_url), (0, ["http://localhost:3000"]))
+        self.assertIn("no hub answered", err)
+        self.assertLess(time.monotonic() - started, WAIT_S)
+
+    def test_hub_option_and_environment_skip_the_search(self):
+        hub = self.hub()
+        with unittest.mock.patch.object(gambiarra, "discover_hubs", None):  # would fail
+            self.assertEqual(self.run_main("list", "--hub", hub.url)[0], 0)
+            os.environ["GAMBIARRA_HUB"] = hub.url
+            try:
+                self.assertEqual(TestCli.run_main(self, "list")[0], 0)
+            finally:
+                del os.environ["GAMBIARRA_HUB"]
+
+    def test_discover_prints_urls_and_json(self):
+        hub = self.hub()
+        status, out, _ = self.run_main("discover", "--timeout", "0.5")
+        self.assertEqual((status, out), (0, hub.url + "\n"))
+        status, out, _ = self.run_main("discover", "--json", "--timeout", "0.5")
+        found = json.loads(out)
+        self.assertEqual(len(found), 1)
+        self.assertEqual((found[0]["name"], found[0]["port"], found[0]["addresses"]),
+                         ("gambiarra-hub-%d" % hub.port, hub.port, ["127.0.0.1"]))
+        self.assertEqual(found[0]["txt"]["version"], gambiarra.__version__)
+
+    def test_discover_finds_nothing_exits_1(self):
+        status, out, err = self.run_main("discover", "--timeout", "0.2")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("no hub answered", err)
+
+    def test_wrong_id_goodbyes_and_garbage_are_ignored(self):
+        def records(name, ttl):
+            instance = name + "." + SERVICE
+            return [gambiarra.Record(SERVICE, gambiarra.DNS_PTR, ttl, instance, False),
+                    gambiarra.Record(instance, gambiarra.DNS_SRV, ttl, (0, 0, 1, "x.local"), True),
+                    gambiarra.Record("x.local", gambiarra.DNS_A, ttl, "127.0.0.1", True)]
+
+        def reply(query, source):
+            yield b"\xff" * 30
+            yield gambiarra.encode_message(gambiarra.Message(
+                query.id ^ 1, 0x8400, query.questions, records("wrong-id", 120), [], []))
+            yield gambiarra.encode_message(gambiarra.Message(
+                query.id, 0x8400, query.questions, records("leaving", 0), [], []))
+            yield gambiarra.encode_message(gambiarra.Message(
+                query.id, 0x8400, query.questions, records("good", 120), [], []))
+        peer = FakeMdnsPeer(self.peer, reply)
+        self.addCleanup(peer.close)
+        status, out, _ = self.run_main("discover", "--timeout", "0.5")
+        self.assertEqual((status, out), (0, "http://127.0.0.1:1\n"))
 
 
 # === Command line ===

@@ -3034,36 +3034,18 @@ def hub_txt_fields(path="/"):
     return {"txtvers": "1", "version": __version__, "protocol": "http", "path": path}
 
 
-class MdnsResponder:
-    """Advertises one hub as ``<instance>._gambiarra._tcp.local``.
+class HubService:
+    """What the responder advertises: the hub's names, its records on each
+    link, and which records answer which question. Renamed on conflicts."""
 
-    One daemon thread owns the socket: it probes the names, announces, answers
-    queries and, on close(), says goodbye. ``answer(datagram, source)`` is the
-    whole query logic without sockets, for tests.
-    """
-
-    def __init__(self, service_port, txt=None, instance=None, host_label=None, links=None,
-                 group=MDNS_GROUP, port=MDNS_PORT, timings=None):
+    def __init__(self, service_port, txt=None, instance=None, host_label=None, links=()):
         self.service_port = service_port
         self.txt = txt_strings(txt if txt is not None else hub_txt_fields())
         self.base_instance = instance or "gambiarra-hub-%d" % service_port
         self.base_host = host_label or default_host_label()
         self.instance, self.host = self.base_instance, self.base_host
         self.renames = 0
-        self._fixed_links = links
-        self.links = list(links) if links is not None else []
-        self.group, self.port = group, port
-        self.timings = timings or MdnsTimings()
-        self.state = "idle"  # -> probing -> announced -> closed
-        self._last_multicast = {}   # (interface, record key) -> time
-        self._conflicts = collections.deque(maxlen=MDNS_CONFLICT_LIMIT)
-        self._timers, self._generation = [], 0
-        self._sock = self._thread = self._wake_r = self._wake_w = None
-        self._closing = threading.Event()
-        self._announced_event = threading.Event()
-        self._quiet = QuietLog()
-
-    # names and records
+        self.links = list(links)
 
     @property
     def instance_name(self):
@@ -3093,7 +3075,7 @@ class MdnsResponder:
                            (self.host_name, (DNS_A,)), True),
         }
 
-    def _name_kinds(self):
+    def name_kinds(self):
         return {MDNS_SERVICE_TYPES.lower(): "types", MDNS_SERVICE_TYPE.lower(): "service",
                 self.instance_name.lower(): "instance", self.host_name.lower(): "host"}
 
@@ -3110,7 +3092,8 @@ class MdnsResponder:
         ("host", DNS_ANY): (("a",), ("nsec",)),
     }
 
-    def _answer_question(self, question, link, kinds):
+    def answer_question(self, question, link, kinds):
+        """(answers, additionals) for one question asked on ``link``."""
         kind = kinds.get(question.name.lower())
         qtype = DNS_PTR if question.type == DNS_ANY and kind in ("types", "service") \
             else question.type
@@ -3118,6 +3101,67 @@ class MdnsResponder:
         records = self.records(link)
         return (_flatten(records[k] for k in answer_kinds),
                 _flatten(records[k] for k in additional_kinds))
+
+    def owns(self, record):
+        """True for a record we send ourselves (on any link)."""
+        key = record_key(record)
+        return any(key == record_key(ours) for link in self.links
+                   for ours in _flatten(self.records(link).values()))
+
+    def rename(self, kinds):
+        """Take the next name for each kind in conflict: "gambiarra-hub-3000 (2)"
+        as Bonjour does, "gambiarra-pi-2" for the host. Returns (old, new)."""
+        old = self.instance if "instance" in kinds else self.host
+        self.renames += 1
+        if "instance" in kinds:
+            self.instance = "%s (%d)" % (self.base_instance, self.renames + 1)
+        if "host" in kinds:
+            self.host = "%s-%d" % (self.base_host, self.renames + 1)
+        return old, self.instance if "instance" in kinds else self.host
+
+    def link_for(self, address):
+        """The link a packet from ``address`` came over: ours if it is one of our
+        addresses, else the one whose subnet holds it, else the first that is
+        not loopback (RFC 6762 section 6.2: answer with that link's addresses)."""
+        for link in self.links:
+            if link.address == address:
+                return link
+        for link in self.links:
+            if link_holds(link, address):
+                return link
+        outside = [link for link in self.links if not link.address.startswith("127.")]
+        return (outside or self.links)[0]
+
+    def interfaces(self):
+        """One link per interface: a packet carries all of its addresses."""
+        seen = {}
+        for link in self.links:
+            seen.setdefault(link.name, link)
+        return list(seen.values())
+
+
+class MdnsResponder:
+    """Advertises one hub as ``<instance>._gambiarra._tcp.local``.
+
+    One daemon thread owns the socket: it probes the names, announces, answers
+    queries and, on close(), says goodbye. ``answer(datagram, source)`` is the
+    whole query logic without sockets, for tests.
+    """
+
+    def __init__(self, service_port, txt=None, instance=None, host_label=None, links=None,
+                 group=MDNS_GROUP, port=MDNS_PORT, timings=None):
+        self.service = HubService(service_port, txt, instance, host_label, links or ())
+        self._fixed_links = links
+        self.group, self.port = group, port
+        self.timings = timings or MdnsTimings()
+        self.state = "idle"  # -> waiting -> probing -> announced -> closed
+        self._last_multicast = {}   # (interface, record key) -> time
+        self._conflicts = collections.deque(maxlen=MDNS_CONFLICT_LIMIT)
+        self._timers, self._generation = [], 0
+        self._sock = self._thread = self._wake_r = self._wake_w = None
+        self._closing = threading.Event()
+        self._announced_event = threading.Event()
+        self._quiet = QuietLog()
 
     # the query logic
 
@@ -3131,12 +3175,12 @@ class MdnsResponder:
         if message.flags & DNS_FLAG_RESPONSE:
             self._check_conflicts(message, source, now)
             return []
-        if self.state != "announced" or not self.links:
+        if self.state != "announced" or not self.service.links:
             return []
         legacy = source[1] != self.port
         if legacy and (message.answers or message.authorities):
             return []  # avahi drops these too: no one-shot query carries records
-        link = self.link_for(source[0])
+        link = self.service.link_for(source[0])
         answers, additionals = self._collect(message, link)
         if not answers:
             return []
@@ -3145,10 +3189,10 @@ class MdnsResponder:
         return self._mdns_replies(message, answers, additionals, source, link, now)
 
     def _collect(self, message, link):
-        kinds = self._name_kinds()
+        kinds = self.service.name_kinds()
         answers, additionals = [], []
         for question in message.questions:
-            found, extra = self._answer_question(question, link, kinds)
+            found, extra = self.service.answer_question(question, link, kinds)
             answers += found
             additionals += extra
         known = {record_key(r): r.ttl for r in message.answers}
@@ -3177,7 +3221,8 @@ class MdnsResponder:
         if any(q.unicast for q in message.questions):  # QU: unicast, ID 0, no questions
             packet = response_packet(answers, additionals)
             replies.append(MdnsReply(packet, (source[0], self.port), link, delay))
-        fresh = answers if probe else [r for r in answers if not self._multicast_lately(r, link, now)]
+        fresh = answers if probe else [
+            r for r in answers if not self._multicast_lately(r, link, now)]
         if fresh:
             for record in fresh + additionals:
                 self._last_multicast[(link.name, record_key(record))] = now
@@ -3189,25 +3234,12 @@ class MdnsResponder:
         last = self._last_multicast.get((link.name, record_key(record)))
         return last is not None and now - last < self.timings.repeat_s
 
-    def link_for(self, address):
-        """The link a packet from ``address`` came over: ours if it is one of our
-        addresses, else the one whose subnet holds it, else the first that is
-        not loopback (RFC 6762 section 6.2: answer with that link's addresses)."""
-        for link in self.links:
-            if link.address == address:
-                return link
-        for link in self.links:
-            if link_holds(link, address):
-                return link
-        outside = [link for link in self.links if not link.address.startswith("127.")]
-        return (outside or self.links)[0]
-
     # conflicts (RFC 6762 sections 8.1 and 9)
 
     def _check_conflicts(self, message, source, now):
         if self.state not in ("probing", "announced"):
             return
-        kinds = self._name_kinds()
+        kinds = self.service.name_kinds()
         conflicting = set()
         for record in message.answers + message.additionals:
             kind = kinds.get(record.name.lower())
@@ -3221,21 +3253,12 @@ class MdnsResponder:
         announced, only one with other data (our own echo is not a conflict)."""
         if self.state == "probing":
             return True
-        if record.ttl == 0:
-            return False
-        ours = {record_key(r) for link in self.links for r in _flatten(self.records(link).values())}
-        return record_key(record) not in ours
+        return record.ttl != 0 and not self.service.owns(record)
 
     def _on_conflict(self, kinds, source, now):
-        old = self.instance if "instance" in kinds else self.host
         if self.state == "announced":  # caches drop our old names, on the thread
             self._schedule(0, self._send_all, self._goodbye_packets(), lasting=True)
-        self.renames += 1
-        if "instance" in kinds:
-            self.instance = "%s (%d)" % (self.base_instance, self.renames + 1)
-        if "host" in kinds:
-            self.host = "%s-%d" % (self.base_host, self.renames + 1)
-        new = self.instance if "instance" in kinds else self.host
+        old, new = self.service.rename(kinds)
         log.warning("mDNS: %s (%s) already uses the name %s; advertising as %s",
                     source[0], "another hub" if "instance" in kinds else "another device",
                     old, new)
@@ -3250,17 +3273,18 @@ class MdnsResponder:
         """Open the socket and start the thread. Raises MdnsUnavailable with the
         cause when this machine cannot do mDNS."""
         if self._fixed_links is None:
-            self.links = network_links()
-        if not self.links:
+            self.service.links = network_links()
+        if not self.service.links:
             raise MdnsUnavailable("no network interface with an IPv4 address")
         try:
-            self._sock, self.links = open_mdns_socket(self.port, self.links, self.group)
+            self._sock, joined = open_mdns_socket(self.port, self.service.links, self.group)
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 raise MdnsUnavailable("UDP port %d is held exclusively by another program"
                                       % self.port)
             raise MdnsUnavailable("cannot open UDP port %d: %s" % (self.port, exc))
-        if not self.links:
+        self.service.links = joined
+        if not joined:
             self._sock.close()
             raise MdnsUnavailable("no interface accepted the multicast group %s "
                                   "(no multicast route?)" % self.group)
@@ -3367,10 +3391,10 @@ class MdnsResponder:
         self.state = "probing"
         if count == MDNS_PROBES:
             return self._announce(0)
-        for link in self._interfaces():
-            records = self.records(link)
-            query = Message(0, 0, [Question(self.instance_name, DNS_ANY, True),
-                                   Question(self.host_name, DNS_ANY, True)],
+        for link in self.service.interfaces():
+            records = self.service.records(link)
+            query = Message(0, 0, [Question(self.service.instance_name, DNS_ANY, True),
+                                   Question(self.service.host_name, DNS_ANY, True)],
                             [], [records["srv"], records["txt"]] + records["a"], [])
             self._send(encode_message(query), (self.group, self.port), link)
         self._schedule(self.timings.probe_interval_s, self._probe, count + 1)
@@ -3378,13 +3402,13 @@ class MdnsResponder:
     def _announce(self, count):
         if count == 0:
             self.state = "announced"
-            log.info("mDNS: announced as %s on %s", self.instance,
-                     ", ".join("%s (%s)" % (l.name, l.address) for l in self._interfaces()))
+            log.info("mDNS: announced as %s on %s", self.service.instance,
+                     ", ".join("%s (%s)" % (l.name, l.address) for l in self.service.interfaces()))
             self._announced_event.set()
         now = time.monotonic()
-        for link in self._interfaces():
-            records = self.records(link)
-            answers = [records["types"], records["ptr"], records["srv"], records["txt"]] + records["a"]
+        for link in self.service.interfaces():
+            records = self.service.records(link)
+            answers = [records[kind] for kind in ("types", "ptr", "srv", "txt")] + records["a"]
             for record in answers:
                 self._last_multicast[(link.name, record_key(record))] = now
             self._send(response_packet(answers, [records["nsec"]]), (self.group, self.port), link)
@@ -3394,8 +3418,8 @@ class MdnsResponder:
     def _goodbye_packets(self):
         """Every record with TTL 0, so browsers drop us at once (section 10.1)."""
         packets = []
-        for link in self._interfaces():
-            records = self.records(link, ttl=0)
+        for link in self.service.interfaces():
+            records = self.service.records(link, ttl=0)
             answers = [records["ptr"], records["srv"], records["txt"]] + records["a"]
             packets.append((response_packet(answers, []), link))
         return packets
@@ -3411,28 +3435,21 @@ class MdnsResponder:
         for packet, link in packets:
             self._send(packet, (self.group, self.port), link)
 
-    def _interfaces(self):
-        """One link per interface: a packet carries all of its addresses."""
-        seen = {}
-        for link in self.links:
-            seen.setdefault(link.name, link)
-        return list(seen.values())
-
     def _refresh_links(self):
         """Follow laptops that change networks: rejoin and re-announce when the
         addresses changed (RFC 6762 section 8.4)."""
         self._schedule(self.timings.refresh_s, self._refresh_links, lasting=True)
         links = network_links()
-        if sorted(links) == sorted(self.links):
+        if sorted(links) == sorted(self.service.links):
             return
         for link in links:
-            if link.name not in {l.name for l in self.links}:
+            if link.name not in {l.name for l in self.service.links}:
                 with contextlib.suppress(OSError):
                     self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
                                           socket.inet_aton(self.group) +
                                           socket.inet_aton(link.address))
         log.info("mDNS: the network addresses changed; announcing again")
-        self.links = links
+        self.service.links = links
         if self.state == "announced":
             self._generation += 1
             self._announce(0)

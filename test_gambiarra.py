@@ -1745,16 +1745,16 @@ class TestMdnsAnswers(unittest.TestCase):
                                   (0, 0, 3000, "someone-else.local"), True)
         logs = CapturedLogs(self)
         self.answer(gambiarra.response_packet([theirs], []))
-        self.assertEqual(self.responder.instance, "gambiarra-hub-3000 (2)")
-        self.assertEqual(self.responder.host, "gambiarra-pi")  # only the name in conflict
+        self.assertEqual(self.responder.service.instance, "gambiarra-hub-3000 (2)")
+        self.assertEqual(self.responder.service.host, "gambiarra-pi")  # only the name in conflict
         self.assertEqual(self.responder.state, "waiting")
         self.assertIn("advertising as gambiarra-hub-3000 (2)", logs.at(logging.WARNING)[0])
 
     def test_our_own_records_and_goodbyes_are_no_conflict(self):
-        for record in gambiarra._flatten(self.responder.records(LAN).values()):
+        for record in gambiarra._flatten(self.responder.service.records(LAN).values()):
             self.answer(gambiarra.response_packet([record], []))
             self.answer(gambiarra.response_packet([record._replace(ttl=0)], []))
-        self.assertEqual((self.responder.instance, self.responder.renames),
+        self.assertEqual((self.responder.service.instance, self.responder.service.renames),
                          ("gambiarra-hub-3000", 0))
 
     def test_ignores_other_opcodes_and_legacy_queries_with_records(self):
@@ -1841,7 +1841,7 @@ class TestMdnsResponder(MdnsTestCase):
                              [gambiarra.DNS_A, gambiarra.DNS_PTR, gambiarra.DNS_PTR,
                               gambiarra.DNS_TXT, gambiarra.DNS_SRV])
             self.assertEqual(source[1], self.mdns_port)  # responses leave from the mDNS port
-        self.assertEqual(responder.renames, 0)  # our own probes echoed back are no conflict
+        self.assertEqual(responder.service.renames, 0)  # our own probes echoed back are no conflict
 
     def test_default_schedule_follows_the_rfc(self):
         timings = gambiarra.MdnsTimings()
@@ -1885,7 +1885,7 @@ class TestMdnsResponder(MdnsTestCase):
         self.peer.sendto(gambiarra.response_packet([theirs], []),
                          (gambiarra.MDNS_GROUP, self.mdns_port))
         self.assertTrue(responder.wait_announced(WAIT_S))
-        self.assertEqual(responder.instance, "gambiarra-hub-3000 (2)")
+        self.assertEqual(responder.service.instance, "gambiarra-hub-3000 (2)")
         self.assertIn("advertising as gambiarra-hub-3000 (2)", logs.at(logging.WARNING)[0])
         reply = self.legacy_query((SERVICE, gambiarra.DNS_PTR))
         self.assertEqual(reply.answers[0].data, "gambiarra-hub-3000 (2)." + SERVICE)
@@ -1894,9 +1894,9 @@ class TestMdnsResponder(MdnsTestCase):
         logs = CapturedLogs(self)
         first = self.started(3000, instance="gambiarra-hub-3000")
         second = self.started(3000, instance="gambiarra-hub-3000", host_label="gambiarra-test")
-        self.assertEqual(first.instance, "gambiarra-hub-3000")
-        self.assertEqual(second.instance, "gambiarra-hub-3000 (2)")
-        self.assertEqual(second.host, "gambiarra-test-2")  # the host name too was taken
+        self.assertEqual(first.service.instance, "gambiarra-hub-3000")
+        self.assertEqual(second.service.instance, "gambiarra-hub-3000 (2)")
+        self.assertEqual(second.service.host, "gambiarra-test-2")  # the host name too was taken
         hubs = gambiarra.discover_hubs(timeout_s=1, port=self.mdns_port, links=[LOOPBACK])
         self.assertEqual([hub.name for hub in hubs],
                          ["gambiarra-hub-3000", "gambiarra-hub-3000 (2)"])
@@ -1919,7 +1919,7 @@ class TestMdnsResponder(MdnsTestCase):
         logs = CapturedLogs(self)
         fake = gambiarra.Link("fake0", "203.0.113.9", "255.255.255.0")
         responder = self.started(links=[LOOPBACK, fake])
-        self.assertEqual(responder.links, [LOOPBACK])
+        self.assertEqual(responder.service.links, [LOOPBACK])
         self.assertTrue(any("fake0" in line for line in logs.at(logging.WARNING)))
         self.assertIsNotNone(self.legacy_query((SERVICE, gambiarra.DNS_PTR)))
 
@@ -1943,7 +1943,7 @@ class TestHubMdns(MdnsTestCase):
     def test_hub_is_advertised_and_says_goodbye(self):
         hub = self.hub()
         self.assertTrue(hub.mdns_responder.wait_announced(WAIT_S))
-        self.assertEqual(hub.mdns_responder.instance, "gambiarra-hub-%d" % hub.port)
+        self.assertEqual(hub.mdns_responder.service.instance, "gambiarra-hub-%d" % hub.port)
         hubs = gambiarra.discover_hubs(timeout_s=1, port=self.mdns_port, links=[LOOPBACK])
         self.assertEqual([h.url for h in hubs], ["http://127.0.0.1:%d" % hub.port])
         hub.close()

@@ -4557,8 +4557,8 @@ def find_hub():
     local network, else localhost. Notes go to stderr, stdout stays clean."""
     hubs = discover_hubs(settle_s=MDNS_BROWSE_SETTLE_S)
     if not hubs:
-        print("no hub answered on the local network (mDNS); trying %s" % DEFAULT_HUB_URL,
-              file=sys.stderr)
+        print("no hub answered on the local network (mDNS); trying %s (--hub URL or "
+              "GAMBIARRA_HUB=URL skip the search)" % DEFAULT_HUB_URL, file=sys.stderr)
         return DEFAULT_HUB_URL
     if len(hubs) > 1:
         raise GambiarraError("%d hubs answered on the local network; choose one with "

@@ -2410,7 +2410,8 @@ class Hub:
     ...     urllib.request.urlopen(hub.url + "/health")
 
     ``start()`` binds and serves in background threads; ``close()`` stops
-    them all and releases every socket. Options match ``serve``'s flags.
+    them all and releases every socket. Options match ``serve``'s flags;
+    ``mdns_options`` go to MdnsResponder (tests give a port, links, timings).
     """
 
     def __init__(self, host="127.0.0.1", port=0, max_body=DEFAULT_MAX_BODY_BYTES,
@@ -3383,6 +3384,7 @@ class MdnsResponder:
     def _start_probing(self, delay_s):
         self._generation += 1
         self.state = "waiting"
+        self._announced_event.clear()
         self._schedule(delay_s, self._probe, 0)
 
     def _probe(self, count):

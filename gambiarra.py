@@ -172,6 +172,7 @@ MDNS_OTHER_TTL_S = 4500   # RFC 6762 section 10: the others (PTR, TXT)
 MDNS_LEGACY_TTL_S = 10    # RFC 6762 section 6.7: replies to one-shot queries
 MDNS_LEGACY_MAX_BYTES = 512   # what a conventional DNS client reads
 MDNS_MAX_PACKET_BYTES = 9000  # RFC 6762 section 17; larger datagrams are dropped
+MDNS_MAX_POINTERS = 32        # compression pointers followed in one name
 #: A record is multicast again on an interface only after this long (section 6).
 MDNS_REPEAT_S = 1.0
 #: Probing (section 8.1): a random wait, then 3 queries 250 ms apart.
@@ -2600,6 +2601,8 @@ def record_key(record):
 
 def name_labels(name):
     """The labels of a name, unescaping "\\." and "\\\\"; a final dot is optional."""
+    if name == ".":
+        return []  # the root
     labels, label, chars = [], [], iter(name)
     for char in chars:
         if char == "\\":
@@ -2726,7 +2729,8 @@ class PacketReader:
 
     def name(self, offset):
         """(name, offset after it). Pointers may point forward (Android does),
-        but never twice to the same place, so loops end."""
+        but never twice to the same place, so loops end, and a name follows at
+        most MDNS_MAX_POINTERS of them, so a crafted chain costs little."""
         data, labels, end, seen, size = self.data, [], None, set(), 1
         while True:
             self.need(offset, 1)
@@ -2734,7 +2738,7 @@ class PacketReader:
             if length >= 0xC0:
                 self.need(offset, 2)
                 pointer = (length & 0x3F) << 8 | data[offset + 1]
-                if pointer in seen or pointer >= len(data):
+                if pointer in seen or pointer >= len(data) or len(seen) >= MDNS_MAX_POINTERS:
                     raise MdnsDecodeError("bad compression pointer at byte %d" % offset)
                 seen.add(pointer)
                 end = offset + 2 if end is None else end

@@ -17,11 +17,13 @@ import io
 import json
 import logging
 import os
+import random
 import select
 import shutil
 import signal
 import socket
 import subprocess
+import struct
 import sys
 import tempfile
 import threading
@@ -1621,6 +1623,242 @@ def names_in(message, rtype=None):
             if rtype is None or r.type == rtype]
 
 
+class TestMdnsCodec(unittest.TestCase):
+    """The DNS codec alone: names, records, headers and hostile bytes; no sockets."""
+
+    A, PTR, TXT, SRV, NSEC = (gambiarra.DNS_A, gambiarra.DNS_PTR, gambiarra.DNS_TXT,
+                              gambiarra.DNS_SRV, gambiarra.DNS_NSEC)
+    SERVICE = "_gambiarra._tcp.local"
+    INSTANCE = "gambiarra-hub-3000._gambiarra._tcp.local"
+    HOST = "gambiarra-pc.local"
+
+    def _records(self):
+        R = gambiarra.Record
+        return [R("_services._dns-sd._udp.local", self.PTR, 4500, self.SERVICE, False),
+                R(self.SERVICE, self.PTR, 4500, self.INSTANCE, False),
+                R(self.INSTANCE, self.SRV, 120, (0, 0, 3000, self.HOST), True),
+                R(self.INSTANCE, self.TXT, 4500, (b"txtvers=1", b"path=/"), True),
+                R(self.HOST, self.A, 120, "192.0.2.7", True),
+                R(self.HOST, self.NSEC, 120, (self.HOST, (self.A,)), True)]
+
+    def _header(self, qd=0, an=0, ns=0, ar=0, flags=0x8400):
+        return struct.pack("!6H", 0, flags, qd, an, ns, ar)
+
+    def _encode(self, records, questions=(), legacy=False):
+        message = gambiarra.Message(0, 0x8400, list(questions), list(records), [], [])
+        return gambiarra.encode_message(message, legacy=legacy)
+
+    def _round_trip(self, *records):
+        return gambiarra.decode_message(self._encode(records)).answers
+
+    def _wire_classes_and_ttls(self, packet):
+        """(class, TTL) of each record, read from the bytes rather than the decoder."""
+        reader, offset, found = gambiarra.PacketReader(packet), 12, []
+        for _ in range(struct.unpack_from("!H", packet, 4)[0]):
+            offset = reader.question(offset)[1]
+        while offset < len(packet):
+            offset = reader.name(offset)[1]
+            rclass, ttl, length = struct.unpack_from("!HIH", packet, offset + 2)
+            found.append((rclass, ttl))
+            offset += 10 + length
+        return found
+
+    def assertRejected(self, packet):
+        with self.assertRaises(gambiarra.MdnsDecodeError):
+            gambiarra.decode_message(packet)
+
+    def test_names_round_trip_with_case_utf8_and_optional_final_dot(self):
+        for name in ("MyHub.Local", "Sala de aula 3 (2)._gambiarra._tcp.local",
+                     "Laboratório de Física — 2º ano 🎉._gambiarra._tcp.local"):
+            record = gambiarra.Record(name, self.TXT, 4500, (b"a=1",), True)
+            dotted = record._replace(name=name + ".")
+            self.assertEqual(self._round_trip(record, dotted), [record, record])
+        self.assertEqual(gambiarra.name_labels("foo.local."), ["foo", "local"])
+        self.assertEqual(gambiarra.instance_label("Sala de aula 3 (2)." + self.SERVICE),
+                         "Sala de aula 3 (2)")
+
+    def test_dot_inside_a_label_is_escaped_in_strings_and_raw_on_the_wire(self):
+        name = "v1\\.2 hub._gambiarra._tcp.local"
+        self.assertEqual(gambiarra.name_labels(name), ["v1.2 hub", "_gambiarra", "_tcp", "local"])
+        self.assertEqual(gambiarra.escape_label("v1.2 hub"), "v1\\.2 hub")
+        self.assertEqual(gambiarra.instance_label(name), "v1.2 hub")
+        record = gambiarra.Record(name, self.TXT, 4500, (b"a=1",), True)
+        packet = self._encode([record])
+        self.assertIn(b"\x08v1.2 hub\x0a_gambiarra", packet)
+        self.assertEqual(gambiarra.decode_message(packet).answers, [record])
+
+    def test_label_over_63_bytes_and_name_over_255_bytes_rejected_on_encode(self):
+        gambiarra.PacketWriter().name("é" * 31 + "a.local")  # 63 bytes of UTF-8
+        longest = ".".join(["a" * 63] * 3 + ["b" * 61])  # 255 bytes on the wire
+        record = gambiarra.Record(longest, self.A, 1, "10.0.0.1", True)
+        self.assertEqual(self._round_trip(record), [record])
+        for name in ("a" * 64 + ".local", "é" * 32 + ".local", longest + "b", "a..local"):
+            with self.subTest(name=name), self.assertRaises(ValueError):
+                gambiarra.PacketWriter().name(name)
+
+    def test_record_key_ignores_name_case_but_not_txt_case(self):
+        srv, txt = self._records()[2:4]
+        upper = srv._replace(name=srv.name.upper(), data=srv.data[:3] + (self.HOST.upper(),))
+        self.assertEqual(gambiarra.record_key(srv), gambiarra.record_key(upper))
+        other = txt._replace(data=(b"TXTVERS=1", b"path=/"))
+        self.assertNotEqual(gambiarra.record_key(txt), gambiarra.record_key(other))
+
+    def test_shared_suffixes_are_compressed_and_decode_to_the_right_names(self):
+        records = self._records()
+        packet = self._encode(records)
+        # "local" in full once, then only in the SRV target and NSEC next name (never compressed)
+        self.assertEqual(packet.count(b"\x05local"), 3)
+        self.assertEqual(packet.count(b"\x0a_gambiarra"), 1)
+        one_by_one = 12 + sum(len(self._encode([record])) - 12 for record in records)
+        self.assertLess(len(packet), one_by_one)
+        self.assertEqual(gambiarra.decode_message(packet).answers, records)
+
+    def test_pointers_into_ptr_and_srv_rdata_and_forward_pointers(self):
+        packet = bytearray(self._header(qd=1, an=2))
+        packet += struct.pack("!HHH", 0xC012, self.SRV, 1)  # forward: to the name at 18
+        service = len(packet)
+        packet += b"\x0a_gambiarra\x04_tcp\x05local\x00"
+        packet += struct.pack("!HHIH", self.PTR, 1, 4500, 6)
+        hub = len(packet)
+        packet += b"\x03hub" + struct.pack("!H", 0xC000 | service)
+        packet += struct.pack("!HHHIH", 0xC000 | hub, self.SRV, 0x8001, 120, 6 + 5)
+        local = service + 16  # the "\x05local" inside the service name
+        packet += struct.pack("!HHH", 0, 0, 3000) + b"\x02pc" + struct.pack("!H", 0xC000 | local)
+        message = gambiarra.decode_message(bytes(packet))
+        self.assertEqual(message.questions, [gambiarra.Question(self.SERVICE, self.SRV, False)])
+        self.assertEqual(message.answers[0].data, "hub._gambiarra._tcp.local")
+        self.assertEqual(message.answers[1], gambiarra.Record(
+            "hub._gambiarra._tcp.local", self.SRV, 120, (0, 0, 3000, "pc.local"), True))
+
+    def test_malformed_names_raise_decode_error_only(self):
+        q = struct.pack("!HH", self.A, 1)  # the question's type and class
+        cases = {"self-pointer": b"\xc0\x0c" + q,
+                 "loop A->B->A": b"\xc0\x0e\xc0\x0c" + q,
+                 "pointer beyond the end": b"\xc0\xff" + q,
+                 "extended label 0x40": b"\x40" + b"a" * 64 + b"\x00" + q,
+                 "label type 0x80": b"\x80abc\x00" + q,
+                 "256-byte name": (b"\x3f" + b"a" * 63) * 3 + b"\x3e" + b"b" * 62 + b"\x00" + q,
+                 "half a pointer": b"\xc0",
+                 "truncated label": b"\x05ab",
+                 "no final zero": b"\x02ab"}
+        for what, question in cases.items():
+            with self.subTest(what):
+                self.assertRejected(self._header(qd=1) + question)
+
+    def test_a_long_chain_of_pointers_is_refused_cheaply(self):
+        def chain(length):  # a question whose name is `length` pointers, each to the next
+            pointers = b"".join(struct.pack("!H", 0xC000 | (12 + 2 * (i + 1)))
+                                for i in range(length))
+            return self._header(qd=1, flags=0) + pointers + b"\x00" + b"\x00\x0c\x00\x01"
+        self.assertEqual(gambiarra.decode_message(chain(8)).questions[0].name, "")
+        with self.assertRaises(gambiarra.MdnsDecodeError):
+            gambiarra.decode_message(chain(gambiarra.MDNS_MAX_POINTERS + 1))
+
+    def test_the_root_name_encodes_either_way(self):
+        for root in ("", "."):
+            writer = gambiarra.PacketWriter()
+            writer.name(root)
+            self.assertEqual(bytes(writer.buffer[12:]), b"\x00")
+
+    def test_malformed_record_data_raises_decode_error_only(self):
+        cases = {"A of 3 bytes": (self.A, b"\x01\x02\x03"),
+                 "SRV of 4 bytes": (self.SRV, b"\x00" * 4),
+                 "PTR name past its record": (self.PTR, b"\x02hs"),
+                 "PTR with a spare byte": (self.PTR, b"\xc0\x0c\x00"),
+                 "TXT string past its record": (self.TXT, b"\x09ab"),
+                 "NSEC bitmap past its record": (self.NSEC, b"\xc0\x0c\x00\x04\x40")}
+        for what, (rtype, rdata) in cases.items():
+            with self.subTest(what):  # zeros after the record: only its rdlength ends it
+                self.assertRejected(self._header(an=1) + b"\x02hs\x00" + struct.pack(
+                    "!HHIH", rtype, 1, 120, len(rdata)) + rdata + bytes(16))
+        self.assertRejected(self._header(an=1) + b"\x02hs\x00"  # rdlength past the end
+                            + struct.pack("!HHIH", self.TXT, 1, 120, 9) + b"\x03abc")
+
+    def test_each_record_type_round_trips(self):
+        records = self._records()
+        nsec = records[-1]._replace(data=(self.HOST, (self.A, gambiarra.DNS_AAAA)))
+        hinfo = gambiarra.Record(self.HOST, 13, 120, b"\x03CPU\x02OS", True)
+        self.assertEqual(self._round_trip(*records), records)
+        self.assertEqual(self._round_trip(nsec, hinfo), [nsec, hinfo])
+        # window 0, 4 bytes of bitmap: A is bit 1, AAAA bit 28
+        self.assertTrue(self._encode([nsec]).endswith(b"\x00\x04\x40\x00\x00\x08"))
+
+    def test_srv_target_is_written_uncompressed(self):
+        a, srv = self._records()[4], self._records()[2]
+        packet = self._encode([a, srv])  # the target's name is already in the packet
+        rdata = struct.pack("!HHH", 0, 0, 3000) + b"\x0cgambiarra-pc\x05local\x00"
+        self.assertTrue(packet.endswith(struct.pack("!H", len(rdata)) + rdata))
+
+    def test_txt_strings_empty_record_and_too_long_string(self):
+        self.assertEqual(gambiarra.txt_strings({"txtvers": "1", "path": "/"}),
+                         (b"txtvers=1", b"path=/"))
+        empty = gambiarra.Record(self.INSTANCE, self.TXT, 4500, (), True)
+        self.assertTrue(self._encode([empty]).endswith(b"\x00\x01\x00"))  # rdlength 1, one b""
+        self.assertEqual(self._round_trip(empty)[0].data, (b"",))
+        with self.assertRaises(ValueError):
+            self._encode([empty._replace(data=(b"k=" + b"v" * 254,))])
+
+    def test_txt_fields_keys_case_insensitive_bare_key_empty_and_equals_first_ignored(self):
+        fields = gambiarra.txt_fields((b"TxtVers=1", b"txtvers=2", b"flag", b"=orphan", b"p=a=b"))
+        self.assertEqual(fields, {"txtvers": "1", "flag": "", "p": "a=b"})
+
+    def test_class_bits_unique_records_flush_and_shared_ptrs_do_not(self):
+        found = self._wire_classes_and_ttls(self._encode(self._records()))
+        self.assertEqual([rclass for rclass, _ in found],
+                         [0x0001, 0x0001, 0x8001, 0x8001, 0x8001, 0x8001])
+
+    def test_legacy_encoding_clears_flush_bit_and_caps_ttl_to_10(self):
+        question = gambiarra.Question(self.SERVICE, self.PTR, False)
+        packet = self._encode(self._records(), [question], legacy=True)
+        self.assertEqual(self._wire_classes_and_ttls(packet), [(0x0001, 10)] * 6)
+        self.assertEqual(gambiarra.decode_message(packet).questions, [question])
+
+    def test_response_packet_header(self):
+        records = self._records()
+        packet = gambiarra.response_packet(records[1:2], records[2:])
+        self.assertEqual(struct.unpack_from("!6H", packet), (0, 0x8400, 0, 1, 0, 4))
+
+    def test_random_and_mutated_bytes_decode_or_raise_decode_error_only(self):
+        rng, valid = random.Random(6762), self._encode(self._records())
+        for i in range(2000):
+            data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(100)))
+            if i % 3 == 1:  # small counts, so parsing goes past the header
+                data = self._header(*(rng.randrange(3) for _ in range(4))) + data
+            elif i % 3 == 2:  # a valid packet with a few bytes changed
+                data = bytearray(valid)
+                for _ in range(rng.randrange(1, 4)):
+                    data[rng.randrange(len(data))] = rng.getrandbits(8)
+            try:
+                gambiarra.decode_message(bytes(data))
+            except gambiarra.MdnsDecodeError:
+                pass
+            except Exception as exc:  # any other exception is the bug
+                self.fail("%r decoding %r" % (exc, bytes(data)))
+
+    def test_every_truncation_of_a_valid_packet_is_rejected(self):
+        question = gambiarra.Question(self.SERVICE, self.PTR, True)
+        packet = self._encode(self._records(), [question])
+        for end in range(len(packet)):
+            with self.subTest(end=end):
+                self.assertRejected(packet[:end])
+
+    def test_apple_qu_query_with_edns0_opt_and_unknown_types_skipped_by_rdlength(self):
+        option = struct.pack("!HH", 4, 14) + bytes(range(14))  # EDNS0 Owner option
+        packet = (self._header(qd=1, an=1, ar=1, flags=0)
+                  + b"\x0a_gambiarra\x04_tcp\x05local\x00" + struct.pack("!HH", self.PTR, 0x8001)
+                  + b"\xc0\x0c" + struct.pack("!HHIH", 13, 1, 120, 7) + b"\x03CPU\x02OS"
+                  + b"\x00" + struct.pack("!HHIH", 41, 1440, 0x1194, len(option)) + option)
+        message = gambiarra.decode_message(packet)
+        self.assertEqual(message.questions, [gambiarra.Question(self.SERVICE, self.PTR, True)])
+        self.assertEqual(message.answers,
+                         [gambiarra.Record(self.SERVICE, 13, 120, b"\x03CPU\x02OS", False)])
+        self.assertEqual(message.additionals, [gambiarra.Record("", 41, 0x1194, option, False)])
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
 class TestMdnsAnswers(unittest.TestCase):
     """The query logic, without sockets: MdnsResponder.answer(datagram, source)."""
 
@@ -1906,7 +2144,7 @@ class TestMdnsResponder(MdnsTestCase):
         self.started()
         garbage = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(garbage.close)
-        rng = __import__("random").Random(7)
+        rng = random.Random(7)
         for size in (0, 1, 11, 12, 13, 40, 300, 9500):
             garbage.sendto(bytes(rng.getrandbits(8) for _ in range(size)),
                            ("127.0.0.1", self.mdns_port))

@@ -2488,9 +2488,9 @@ class Hub:
         try:
             self.mdns_responder = responder.start()
         except MdnsUnavailable as exc:
-            address = (local_ipv4_addresses() or ["THIS-MACHINE-IP"])[0]
-            log.warning("mDNS disabled: %s. Clients can still use --hub http://%s:%d",
-                        exc, address, self.port)
+            urls = ["http://%s:%d" % (address, self.port) for address in local_ipv4_addresses()]
+            log.warning("mDNS disabled: %s. Clients can still use --hub %s",
+                        exc, (urls or [self.url])[0])
 
     def _restore_rooms(self):
         saved = self.state.load()
@@ -2969,11 +2969,10 @@ def links_for_host(host):
     return [link for link in links if link.address == host]
 
 
-def open_mdns_socket(port, links, group=MDNS_GROUP, warn=True):
+def open_mdns_socket(port, links, group=MDNS_GROUP):
     """A UDP socket bound to ``port`` that shares it with avahi or Bonjour and
-    has joined ``group`` on each link. Returns (socket, links joined); raises
-    OSError when the port cannot be bound at all. ``warn`` logs the links
-    that cannot join as warnings."""
+    has joined ``group`` on each link. Returns (socket, links joined, {link:
+    why it could not join}); raises OSError when the port cannot be bound."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -2988,7 +2987,7 @@ def open_mdns_socket(port, links, group=MDNS_GROUP, warn=True):
     except OSError:
         sock.close()
         raise
-    joined, names = [], set()
+    joined, failed, names = [], {}, set()
     for link in links:
         if link.name in names:
             joined.append(link)  # one membership per interface
@@ -2998,13 +2997,11 @@ def open_mdns_socket(port, links, group=MDNS_GROUP, warn=True):
                             socket.inet_aton(group) + socket.inet_aton(link.address))
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:  # EADDRINUSE: already a member
-                report = log.warning if warn else log.debug
-                report("mDNS: not on %s (%s): cannot join the group %s: %s",
-                       link.name, link.address, group, exc.strerror or exc)
+                failed[link] = exc.strerror or str(exc)
                 continue
         names.add(link.name)
         joined.append(link)
-    return sock, joined
+    return sock, joined, failed
 
 
 # --- the responder ---
@@ -3282,17 +3279,22 @@ class MdnsResponder:
         if not self.service.links:
             raise MdnsUnavailable("no network interface with an IPv4 address")
         try:
-            self._sock, joined = open_mdns_socket(self.port, self.service.links, self.group)
+            self._sock, joined, failed = open_mdns_socket(self.port, self.service.links,
+                                                          self.group)
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 raise MdnsUnavailable("UDP port %d is held exclusively by another program"
                                       % self.port)
             raise MdnsUnavailable("cannot open UDP port %d: %s" % (self.port, exc))
         self.service.links = joined
+        reasons = ", ".join("%s %s: %s" % (link.name, link.address, why)
+                            for link, why in failed.items())
         if not joined:
             self._sock.close()
-            raise MdnsUnavailable("no interface accepted the multicast group %s "
-                                  "(no multicast route?)" % self.group)
+            raise MdnsUnavailable("no interface could join the multicast group %s (%s)"
+                                  % (self.group, reasons))
+        if failed:
+            log.warning("mDNS: not announcing on %s", reasons)
         self.port = self._sock.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
         self._start_probing(random.uniform(0, self.timings.probe_wait_s))
@@ -3630,8 +3632,7 @@ def discover_hubs(timeout_s=None, settle_s=None, port=None, group=MDNS_GROUP, li
 
 def _passive_listener(port, links, group):
     try:
-        sock, _ = open_mdns_socket(port, links, group, warn=False)
-        return sock
+        return open_mdns_socket(port, links, group)[0]
     except OSError as exc:
         log.debug("mDNS: not listening on port %d: %s", port, exc)
         return None

@@ -1588,7 +1588,7 @@ def dns_query(*questions, ident=0, known=(), authorities=()):
 def multicast_socket(port, link=LOOPBACK):
     """A socket on the test's mDNS port, in the group on loopback: it sees what
     responders multicast, and sends from that port like a peer responder."""
-    sock, joined = gambiarra.open_mdns_socket(port, [link])
+    sock, joined, _ = gambiarra.open_mdns_socket(port, [link])
     if not joined:
         sock.close()
         raise unittest.SkipTest("this host cannot join a multicast group on 127.0.0.1")
@@ -2166,7 +2166,8 @@ class TestMdnsResponder(MdnsTestCase):
         fake = gambiarra.Link("fake0", "203.0.113.9", "255.255.255.0")
         with self.assertRaises(gambiarra.MdnsUnavailable) as caught:
             self.responder(links=[fake]).start()
-        self.assertIn("multicast", str(caught.exception))
+        self.assertIn("multicast group 224.0.0.251", str(caught.exception))
+        self.assertIn("fake0 203.0.113.9", str(caught.exception))  # and why
 
 
 class TestHubMdns(MdnsTestCase):

@@ -3112,14 +3112,16 @@ class HubService:
 
     def rename(self, kinds):
         """Take the next name for each kind in conflict: "gambiarra-hub-3000 (2)"
-        as Bonjour does, "gambiarra-pi-2" for the host. Returns (old, new)."""
-        old = self.instance if "instance" in kinds else self.host
+        as Bonjour does, "gambiarra-pi-2.local" for the host. Returns the old
+        names and the new ones, as text."""
+        old = [self.instance] * ("instance" in kinds) + [self.host_name] * ("host" in kinds)
         self.renames += 1
         if "instance" in kinds:
             self.instance = "%s (%d)" % (self.base_instance, self.renames + 1)
         if "host" in kinds:
             self.host = "%s-%d" % (self.base_host, self.renames + 1)
-        return old, self.instance if "instance" in kinds else self.host
+        new = [self.instance] * ("instance" in kinds) + [self.host_name] * ("host" in kinds)
+        return " and ".join(old), " and ".join(new)
 
     def link_for(self, address):
         """The link a packet from ``address`` came over: ours if it is one of our
@@ -3261,9 +3263,8 @@ class MdnsResponder:
         if self.state == "announced":  # caches drop our old names, on the thread
             self._schedule(0, self._send_all, self._goodbye_packets(), lasting=True)
         old, new = self.service.rename(kinds)
-        log.warning("mDNS: %s (%s) already uses the name %s; advertising as %s",
-                    source[0], "another hub" if "instance" in kinds else "another device",
-                    old, new)
+        log.warning("mDNS: %s on the network already uses %s; advertising as %s",
+                    source[0], old, new)
         self._conflicts.append(now)
         crowded = len(self._conflicts) == MDNS_CONFLICT_LIMIT and \
             now - self._conflicts[0] < MDNS_CONFLICT_WINDOW_S

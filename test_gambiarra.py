@@ -2138,7 +2138,10 @@ class TestMdnsResponder(MdnsTestCase):
         hubs = gambiarra.discover_hubs(timeout_s=1, port=self.mdns_port, links=[LOOPBACK])
         self.assertEqual([hub.name for hub in hubs],
                          ["gambiarra-hub-3000", "gambiarra-hub-3000 (2)"])
-        self.assertEqual(len(logs.at(logging.WARNING)), 1)  # the rename, said once
+        warnings = logs.at(logging.WARNING)
+        self.assertEqual(len(warnings), 1)  # the rename, said once, with both new names
+        self.assertIn("advertising as gambiarra-hub-3000 (2) and gambiarra-test-2.local",
+                      warnings[0])
 
     def test_garbage_never_kills_the_responder(self):
         self.started()

@@ -3,7 +3,7 @@
 
 One person runs the hub (a laptop, a Raspberry Pi)::
 
-    python3 gambiarra.py serve                 # hub on port 3000, every interface
+    python3 gambiarra.py serve --mdns          # hub on port 3000, found on the network
 
 Anyone creates a room, participants register their OpenAI-compatible servers
 (Ollama, LM Studio, LocalAI, vLLM, llama.cpp...), and any OpenAI client uses
@@ -14,10 +14,13 @@ them through the hub at ``http://HUB:3000/rooms/CODE/v1``::
     python3 gambiarra.py chat XK7P2M "Hello!"  # check that a room answers
     python3 gambiarra.py monitor XK7P2M        # follow a room's events
     python3 gambiarra.py join XK7P2M           # share your local LLM server
+    python3 gambiarra.py discover              # the hubs on the local network
+
+Client commands find the hub by mDNS when neither --hub nor $GAMBIARRA_HUB
+names it.
 
 ``join`` finds a local server (Ollama, LM Studio, llama.cpp, vLLM) and serves
 it through a tunnel: the hub never has to reach the participant's machine.
-    python3 gambiarra.py join XK7P2M           # share your local LLM in room XK7P2M
 
 The hub keeps the HTTP API of the original Gambiarra (Bun/TypeScript), so its
 SDK, the Vercel AI SDK and the ``openai`` package work unchanged. ``import
@@ -4319,7 +4322,8 @@ EPILOG_JOIN = """examples:
   python3 gambiarra.py join XK7P2M --direct --endpoint http://192.168.1.50:11434
 
 By default the hub reaches your server through a tunnel that this command keeps
-open, so your server can stay on 127.0.0.1. Ctrl-C leaves the room.
+open, so your server can stay on 127.0.0.1. Without --hub (or $GAMBIARRA_HUB)
+the hub is found on the local network by mDNS. Ctrl-C leaves the room.
 """
 
 EPILOG_SERVE = """examples:
@@ -4357,6 +4361,14 @@ EPILOG_MONITOR = """examples:
   python3 gambiarra.py monitor XK7P2M --json        # one JSON object per line
 
 Reconnects by itself when the hub restarts. Ctrl-C stops.
+"""
+
+EPILOG_DISCOVER = """examples:
+  python3 gambiarra.py discover                 # one URL per line
+  python3 gambiarra.py discover --json          # name, addresses, port and TXT of each
+  export GAMBIARRA_HUB=$(python3 gambiarra.py discover | head -n 1)
+
+Finds hubs started with 'serve --mdns'. Exits 1 when none answers.
 """
 
 
@@ -4453,15 +4465,6 @@ def build_parser():
     add_monitor_parser(commands)
     add_discover_parser(commands)
     return parser
-
-
-EPILOG_DISCOVER = """examples:
-  python3 gambiarra.py discover                 # one URL per line
-  python3 gambiarra.py discover --json          # name, addresses, port and TXT of each
-  export GAMBIARRA_HUB=$(python3 gambiarra.py discover | head -n 1)
-
-Finds hubs started with 'serve --mdns'. Exits 1 when none answers.
-"""
 
 
 def add_discover_parser(commands):

@@ -2143,6 +2143,23 @@ class TestMdnsResponder(MdnsTestCase):
         self.assertIn("advertising as gambiarra-hub-3000 (2) and gambiarra-test-2.local",
                       warnings[0])
 
+    def test_announces_again_when_the_addresses_change(self):
+        second = gambiarra.Link("lo", "127.0.0.2", "255.0.0.0")
+        interfaces = [[LOOPBACK]]
+        with unittest.mock.patch.object(gambiarra, "network_links", lambda: interfaces[-1]):
+            responder = gambiarra.MdnsResponder(
+                3000, port=self.mdns_port, host_label="gambiarra-test",
+                timings=gambiarra.MdnsTimings(refresh_s=0.05, **FAST_MDNS))
+            self.addCleanup(responder.close)
+            responder.start()
+            self.assertTrue(responder.wait_announced(WAIT_S))
+            interfaces.append([LOOPBACK, second])  # a new address, as after a DHCP renewal
+            messages, _ = receive_messages(self.peer, lambda found: any(
+                r.data == "127.0.0.2" for m in found for r in m.answers))
+        addresses = [sorted(r.data for r in m.answers if r.type == gambiarra.DNS_A)
+                     for m in messages if m.flags & 0x8000]
+        self.assertEqual(addresses[-1], ["127.0.0.1", "127.0.0.2"])
+
     def test_garbage_never_kills_the_responder(self):
         self.started()
         garbage = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

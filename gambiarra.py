@@ -3354,6 +3354,10 @@ class MdnsResponder:
             self._quiet.debug(source[0], "mDNS: ignored a malformed packet from %s: %s",
                               source[0], exc)
             return
+        except Exception as exc:  # a bug met by one packet must not stop the others
+            self._quiet.warning(repr(exc), "mDNS: a packet from %s could not be handled: %r",
+                                source[0], exc)
+            return
         for reply in replies:
             if reply.delay_s > 0:
                 self._schedule(reply.delay_s, self._send, reply.packet, reply.destination,
@@ -3530,6 +3534,8 @@ def _unique(records):
 # --- the browser: how the CLI finds hubs ---
 
 FoundHub = collections.namedtuple("FoundHub", "name host port addresses txt url")
+#: A TXT "path" that cannot turn the URL into another host's ("@evil.example").
+SAFE_URL_PATH = re.compile(r"^/[A-Za-z0-9/._~-]*$")
 
 
 class HubCollector:
@@ -3573,7 +3579,8 @@ class HubCollector:
             addresses = self.addresses.get(target.lower(), [])
             txt = txt_fields(self.txt.get(key, ()))
             address = best_address(addresses, self.sources[key])
-            path = txt.get("path", "/").rstrip("/")
+            path = txt.get("path", "/")
+            path = path.rstrip("/") if SAFE_URL_PATH.match(path) else ""
             url = "http://%s:%d%s" % (address, port, path) if address else None
             found.append(FoundHub(instance_label(name), target, port, addresses, txt, url))
         return sorted((hub for hub in found if hub.url), key=lambda hub: hub.name.lower())

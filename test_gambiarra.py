@@ -2035,11 +2035,11 @@ class MdnsTestCase(unittest.TestCase):
         self.assertTrue(responder.wait_announced(WAIT_S))
         return responder
 
-    def legacy_query(self, *questions, ident=0x4242):
+    def legacy_query(self, *questions, ident=0x4242, timeout=WAIT_S):
         asker = one_shot_socket()
         self.addCleanup(asker.close)
         asker.sendto(dns_query(*questions, ident=ident), (gambiarra.MDNS_GROUP, self.mdns_port))
-        messages, _ = receive_messages(asker, lambda found: found)
+        messages, _ = receive_messages(asker, lambda found: found, timeout)
         return messages[0] if messages else None
 
 
@@ -2172,6 +2172,21 @@ class TestMdnsResponder(MdnsTestCase):
                        ("127.0.0.1", self.mdns_port))  # a self-pointing name
         reply = self.legacy_query((SERVICE, gambiarra.DNS_PTR))
         self.assertIsNotNone(reply)
+
+    def test_a_packet_that_breaks_the_logic_is_logged_once_and_skipped(self):
+        responder = self.started()
+        logs = CapturedLogs(self)
+        answer, calls = responder.answer, []
+
+        def broken_once(datagram, source):  # breaks on the first one-shot query
+            if source[1] != responder.port and not calls:
+                calls.append(source)
+                raise KeyError("a bug")
+            return answer(datagram, source)
+        responder.answer = broken_once
+        self.assertIsNone(self.legacy_query((SERVICE, gambiarra.DNS_PTR), timeout=0.3))
+        self.assertIsNotNone(self.legacy_query((SERVICE, gambiarra.DNS_PTR)))
+        self.assertIn("could not be handled", " ".join(logs.at(logging.WARNING)))
 
     def test_an_interface_that_cannot_join_is_skipped_with_a_warning(self):
         logs = CapturedLogs(self)
@@ -2328,6 +2343,20 @@ class TestDiscovery(MdnsTestCase):
         status, out, err = self.run_main("discover", "--timeout", "0.2")
         self.assertEqual((status, out), (1, ""))
         self.assertIn("no hub answered", err)
+
+    def test_a_txt_path_cannot_point_the_url_elsewhere(self):
+        def reply(query, source):
+            for name, path in (("with-path", "/gambiarra/"), ("hostile", "@evil.example/")):
+                instance = name + "." + SERVICE
+                yield gambiarra.encode_message(gambiarra.Message(query.id, 0x8400, [], [
+                    gambiarra.Record(SERVICE, gambiarra.DNS_PTR, 120, instance, False),
+                    gambiarra.Record(instance, gambiarra.DNS_SRV, 120, (0, 0, 1, "x.local"), True),
+                    gambiarra.Record(instance, gambiarra.DNS_TXT, 120,
+                                     (b"path=" + path.encode(),), True)], [], []))
+        peer = FakeMdnsPeer(self.peer, reply)
+        self.addCleanup(peer.close)
+        status, out, _ = self.run_main("discover", "--timeout", "0.5")
+        self.assertEqual(out, "http://127.0.0.1:1\nhttp://127.0.0.1:1/gambiarra\n")
 
     def test_wrong_id_goodbyes_and_garbage_are_ignored(self):
         def records(name, ttl):

@@ -2900,7 +2900,7 @@ def _getifaddrs_links():
         import ctypes
         libc = ctypes.CDLL(None)  # the C library is already loaded
         getifaddrs, freeifaddrs = libc.getifaddrs, libc.freeifaddrs
-    except (ImportError, OSError, AttributeError):  # no ctypes, or no getifaddrs (Windows)
+    except (ImportError, OSError, AttributeError, TypeError):  # no ctypes, or Windows
         return []
 
     class IfAddrs(ctypes.Structure):
@@ -2917,12 +2917,21 @@ def _getifaddrs_links():
         while entry:
             item = entry.contents
             address, netmask = _ipv4_of(item.addr), _ipv4_of(item.netmask)
-            if item.flags & 0x1 and address and netmask:  # IFF_UP
+            if address and netmask and _can_multicast(item.flags):
                 links.append(Link(item.name.decode("utf-8", "replace"), address, netmask))
             entry = item.next
     finally:
         freeifaddrs(head)
     return links
+
+
+def _can_multicast(flags):
+    """Up, not a point-to-point tunnel (VPNs: nobody to find there), and
+    loopback (Linux's lo lacks the multicast flag, yet works) or multicast."""
+    up, loopback, point_to_point = 0x1, 0x8, 0x10
+    multicast = 0x8000 if sys.platform == "darwin" or "bsd" in sys.platform else 0x1000
+    return bool(flags & up) and not flags & point_to_point and bool(
+        flags & (loopback | multicast))
 
 
 def _ipv4_of(pointer):
@@ -3191,8 +3200,9 @@ class MdnsResponder:
         answers, additionals = self._collect(message, link)
         if not answers:
             return []
-        if legacy:
-            return [self._legacy_reply(message, answers, additionals, source, link)]
+        if legacy:  # multicast too: a firewall may drop the unicast reply (zeroconf does so)
+            return [self._legacy_reply(message, answers, additionals, source, link)] + \
+                self._multicast_reply(answers, additionals, link, now, self._delay(answers))
         return self._mdns_replies(message, answers, additionals, source, link, now)
 
     def _collect(self, message, link):
@@ -3221,21 +3231,32 @@ class MdnsResponder:
         return MdnsReply(packet, source, link, 0.0)
 
     def _mdns_replies(self, message, answers, additionals, source, link, now):
-        probe = bool(message.authorities)
-        shared = any(not r.unique for r in answers)
-        delay = 0.0 if probe or not shared else random.uniform(*self.timings.shared_delay_s)
+        probe = bool(message.authorities)  # a probe is answered at once, and always
+        delay = 0.0 if probe else self._delay(answers)
         replies = []
         if any(q.unicast for q in message.questions):  # QU: unicast, ID 0, no questions
             packet = response_packet(answers, additionals)
             replies.append(MdnsReply(packet, (source[0], self.port), link, delay))
-        fresh = answers if probe else [
+        return replies + self._multicast_reply(answers, additionals, link, now, delay, probe)
+
+    def _delay(self, answers):
+        """Shared answers (PTR) wait 20-120 ms, so the responders of a network
+        do not all answer at once; unique ones go at once (section 6)."""
+        if all(record.unique for record in answers):
+            return 0.0
+        return random.uniform(*self.timings.shared_delay_s)
+
+    def _multicast_reply(self, answers, additionals, link, now, delay, again=False):
+        """The multicast reply, without the records multicast on ``link`` in the
+        last second (unless ``again``); none if nothing is left."""
+        fresh = answers if again else [
             r for r in answers if not self._multicast_lately(r, link, now)]
-        if fresh:
-            for record in fresh + additionals:
-                self._last_multicast[(link.name, record_key(record))] = now
-            replies.append(MdnsReply(response_packet(fresh, additionals), (self.group, self.port),
-                                     link, delay))
-        return replies
+        if not fresh:
+            return []
+        for record in fresh + additionals:
+            self._last_multicast[(link.name, record_key(record))] = now
+        return [MdnsReply(response_packet(fresh, additionals), (self.group, self.port),
+                          link, delay)]
 
     def _multicast_lately(self, record, link, now):
         last = self._last_multicast.get((link.name, record_key(record)))

@@ -1948,14 +1948,31 @@ class TestMdnsAnswers(unittest.TestCase):
 
     def test_legacy_query_gets_a_plain_dns_reply(self):
         query = dns_query((SERVICE, gambiarra.DNS_PTR), ident=0x1234)
-        reply, message = self.only_reply(query, source=("10.9.3.4", 40000))
+        reply, copy = self.answer(query, source=("10.9.3.4", 40000), now=100.0)
+        message = gambiarra.decode_message(reply.packet)
         self.assertEqual(reply.destination, ("10.9.3.4", 40000))
+        # A multicast copy too, for queriers whose firewall drops the unicast one...
+        self.assertEqual(copy.destination, (gambiarra.MDNS_GROUP, 5353))
+        self.assertEqual(gambiarra.decode_message(copy.packet).id, 0)
+        # ...at most once a second.
+        self.assertEqual(len(self.answer(query, source=("10.9.3.4", 40001), now=100.5)), 1)
         self.assertEqual(message.id, 0x1234)
         self.assertEqual(message.questions, [gambiarra.Question(SERVICE, gambiarra.DNS_PTR, False)])
         records = message.answers + message.additionals
         self.assertTrue(all(r.ttl <= 10 and not r.unique for r in records), records)
         self.assertLessEqual(len(reply.packet), 512)
         self.assertEqual([r.data for r in records if r.type == gambiarra.DNS_A], ["10.9.0.1"])
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "Linux interface flags")
+    def test_interfaces_that_can_carry_multicast(self):
+        cases = {0x49: True,     # lo: up, loopback, running (no multicast flag, works)
+                 0x1043: True,   # eth0: up, broadcast, running, multicast
+                 0x1002: False,  # eth0, down
+                 0x10d1: False,  # tun0: a point-to-point tunnel (OpenVPN)
+                 0x91: False}    # wg0: point-to-point, no multicast (WireGuard)
+        for flags, expected in cases.items():
+            self.assertEqual(gambiarra._can_multicast(flags), expected, hex(flags))
+        self.assertIn("127.0.0.1", [link.address for link in gambiarra.network_links()])
 
     def test_each_interface_gets_its_own_addresses(self):
         for index, (source, address) in enumerate((

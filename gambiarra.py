@@ -182,6 +182,8 @@ MDNS_REPEAT_S = 1.0
 MDNS_PROBE_WAIT_S = 0.25
 MDNS_PROBE_INTERVAL_S = 0.25
 MDNS_PROBES = 3
+#: The loser of a simultaneous probe waits this long before probing again (section 8.2).
+MDNS_TIEBREAK_WAIT_S = 1.0
 #: Announcements after probing: at once, then 1 s and 2 s later (section 8.3:
 #: at least two, one second apart, the gaps at least doubling).
 MDNS_ANNOUNCE_GAPS_S = (1.0, 2.0)
@@ -2703,6 +2705,14 @@ RDATA_WRITERS = {DNS_A: PacketWriter._address, DNS_PTR: PacketWriter.name,
                  DNS_NSEC: PacketWriter._nsec}
 
 
+def tiebreak_key(record):
+    """How probes compare records (RFC 6762 section 8.2): class, type, then the
+    uncompressed record data as bytes."""
+    writer = PacketWriter()
+    RDATA_WRITERS.get(record.type, PacketWriter._raw)(writer, record.data)
+    return DNS_CLASS_IN, record.type, bytes(writer.buffer[12:])
+
+
 def encode_message(message, legacy=False):
     """The bytes of ``message``; ``legacy`` for a reply to a one-shot query."""
     writer = PacketWriter()
@@ -3027,7 +3037,7 @@ class MdnsTimings:
     def __init__(self, probe_wait_s=MDNS_PROBE_WAIT_S, probe_interval_s=MDNS_PROBE_INTERVAL_S,
                  announce_gaps_s=MDNS_ANNOUNCE_GAPS_S, goodbye_gap_s=MDNS_GOODBYE_GAP_S,
                  shared_delay_s=MDNS_SHARED_DELAY_S, repeat_s=MDNS_REPEAT_S,
-                 refresh_s=MDNS_INTERFACE_REFRESH_S):
+                 refresh_s=MDNS_INTERFACE_REFRESH_S, tiebreak_wait_s=MDNS_TIEBREAK_WAIT_S):
         self.probe_wait_s = probe_wait_s
         self.probe_interval_s = probe_interval_s
         self.announce_gaps_s = tuple(announce_gaps_s)
@@ -3035,6 +3045,7 @@ class MdnsTimings:
         self.shared_delay_s = shared_delay_s
         self.repeat_s = repeat_s
         self.refresh_s = refresh_s
+        self.tiebreak_wait_s = tiebreak_wait_s
 
 
 def default_host_label():
@@ -3191,6 +3202,8 @@ class MdnsResponder:
         if message.flags & DNS_FLAG_RESPONSE:
             self._check_conflicts(message, source, now)
             return []
+        if self.state == "probing" and message.authorities:
+            self._tiebreak(message, source)
         if self.state != "announced" or not self.service.links:
             return []
         legacy = source[1] != self.port
@@ -3282,6 +3295,20 @@ class MdnsResponder:
         if self.state == "probing":
             return True
         return record.ttl != 0 and not self.service.owns(record)
+
+    def _tiebreak(self, message, source):
+        """Another host probes for one of our names while we do (section 8.2):
+        the one whose proposed records sort later goes on; the other waits a
+        second and probes again, and then sees the winner's answer."""
+        proposed = self.service.records(self.service.link_for(source[0]))
+        ours = [proposed["srv"], proposed["txt"]] + proposed["a"]
+        for name in (self.service.instance_name.lower(), self.service.host_name.lower()):
+            theirs = sorted(tiebreak_key(r) for r in message.authorities if r.name.lower() == name)
+            if theirs and sorted(tiebreak_key(r) for r in ours if r.name.lower() == name) < theirs:
+                log.info("mDNS: %s is probing for %s too; trying again in a second",
+                         source[0], name)
+                self._start_probing(self.timings.tiebreak_wait_s)
+                return
 
     def _on_conflict(self, kinds, source, now):
         if self.state == "announced":  # caches drop our old names, on the thread

@@ -1574,7 +1574,7 @@ LAN = gambiarra.Link("eth0", "192.0.2.2", "255.255.255.0")
 WIFI = gambiarra.Link("wlan0", "10.9.0.1", "255.255.0.0")
 #: Fast protocol timings: a responder announces within about 50 ms.
 FAST_MDNS = dict(probe_wait_s=0, probe_interval_s=0.01, announce_gaps_s=(0.05, 0.1),
-                 goodbye_gap_s=0.01, shared_delay_s=(0, 0.001))
+                 goodbye_gap_s=0.01, shared_delay_s=(0, 0.001), tiebreak_wait_s=0.05)
 SERVICE = gambiarra.MDNS_SERVICE_TYPE
 
 
@@ -2005,6 +2005,18 @@ class TestMdnsAnswers(unittest.TestCase):
         self.assertEqual(self.responder.state, "waiting")
         self.assertIn("advertising as gambiarra-hub-3000 (2)", logs.at(logging.WARNING)[0])
 
+    def test_simultaneous_probes_the_later_data_wins(self):
+        instance = "gambiarra-hub-3000." + SERVICE
+        self.responder.state = "probing"
+        for port, we_defer in ((1000, False), (3000, False), (9999, True)):  # 3000: our own echo
+            with self.subTest(their_port=port):
+                claim = gambiarra.Record(instance, gambiarra.DNS_SRV, 120,
+                                         (0, 0, port, "gambiarra-pi.local"), True)
+                self.answer(dns_query((instance, gambiarra.DNS_ANY, True), authorities=[
+                    claim, self.responder.service.records(LAN)["txt"]]))
+                self.assertEqual(self.responder.state, "waiting" if we_defer else "probing")
+        self.assertEqual(self.responder.service.instance, "gambiarra-hub-3000")  # not renamed
+
     def test_our_own_records_and_goodbyes_are_no_conflict(self):
         for record in gambiarra._flatten(self.responder.service.records(LAN).values()):
             self.answer(gambiarra.response_packet([record], []))
@@ -2041,8 +2053,9 @@ class MdnsTestCase(unittest.TestCase):
 
     def responder(self, service_port=3000, **options):
         options.setdefault("links", [LOOPBACK])
+        timings = dict(FAST_MDNS, **options.pop("timings", {}))
         responder = gambiarra.MdnsResponder(
-            service_port, port=self.mdns_port, timings=gambiarra.MdnsTimings(**FAST_MDNS),
+            service_port, port=self.mdns_port, timings=gambiarra.MdnsTimings(**timings),
             host_label=options.pop("host_label", "gambiarra-test"), **options)
         self.addCleanup(responder.close)
         return responder
@@ -2176,6 +2189,19 @@ class TestMdnsResponder(MdnsTestCase):
         addresses = [sorted(r.data for r in m.answers if r.type == gambiarra.DNS_A)
                      for m in messages if m.flags & 0x8000]
         self.assertEqual(addresses[-1], ["127.0.0.1", "127.0.0.2"])
+
+    def test_two_hubs_probing_at_once_end_with_two_names(self):
+        logs = CapturedLogs(self)
+        slow_probes = {"probe_interval_s": 0.2}  # they overlap even on a loaded machine
+        first = self.responder(3000, instance="gambiarra-hub", timings=slow_probes)
+        second = self.responder(3001, instance="gambiarra-hub", timings=slow_probes)
+        first.start(), second.start()
+        self.assertTrue(first.wait_announced(WAIT_S) and second.wait_announced(WAIT_S))
+        self.assertTrue(wait_until(lambda: first.state == second.state == "announced"))
+        # 3001 sorts after 3000: the second wins the tiebreak, the first renames.
+        self.assertEqual((first.service.instance, second.service.instance),
+                         ("gambiarra-hub (2)", "gambiarra-hub"))
+        self.assertIn("trying again", " ".join(logs.at(logging.INFO)))
 
     def test_garbage_never_kills_the_responder(self):
         self.started()

@@ -2981,6 +2981,15 @@ def local_ipv4_addresses():
                                                         addresses.index(address)))
 
 
+def one_link_per_interface(links):
+    """The first link of each interface: one packet per interface is enough,
+    and carries all of its addresses."""
+    seen = {}
+    for link in links:
+        seen.setdefault(link.name, link)
+    return list(seen.values())
+
+
 def links_for_host(host):
     """The links an HTTP server bound to ``host`` is reachable on."""
     links = network_links()
@@ -3160,11 +3169,7 @@ class HubService:
         return (outside or self.links)[0]
 
     def interfaces(self):
-        """One link per interface: a packet carries all of its addresses."""
-        seen = {}
-        for link in self.links:
-            seen.setdefault(link.name, link)
-        return list(seen.values())
+        return one_link_per_interface(self.links)
 
 
 class MdnsResponder:
@@ -3650,43 +3655,76 @@ def discover_hubs(timeout_s=None, settle_s=None, port=None, group=MDNS_GROUP, li
     after the first answer). The query is one-shot from a port of our own, so
     no 5353 is needed; with ``listen``, 5353 is also watched for multicast
     answers (the original TypeScript hub answers only those)."""
-    timeout_s = MDNS_BROWSE_S if timeout_s is None else timeout_s
-    port = MDNS_PORT if port is None else port
-    links = network_links() if links is None else links
-    query_id = random.randint(1, 0xFFFF)
-    query = encode_message(Message(query_id, 0, [Question(MDNS_SERVICE_TYPE, DNS_PTR, False)],
-                                   [], [], []))
-    asker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    listener = None
+    search = HubSearch(MDNS_PORT if port is None else port, group,
+                       network_links() if links is None else links, listen)
     try:
-        asker.bind(("", 0))
-        asker.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, struct.pack("B", 255))
-        if listen:
-            listener = _passive_listener(port, links, group)
-        collector = HubCollector()
-        _send_query(asker, query, links, (group, port))
+        return search.run(MDNS_BROWSE_S if timeout_s is None else timeout_s, settle_s)
+    finally:
+        search.close()
+
+
+class HubSearch:
+    """One search: a one-shot query out of every interface, asked again after
+    a second if nobody answered, and the answers pieced together."""
+
+    def __init__(self, port, group, links, listen):
+        self.port, self.destination, self.links = port, (group, port), links
+        self.query_id = random.randint(1, 0xFFFF)
+        self.query = encode_message(Message(
+            self.query_id, 0, [Question(MDNS_SERVICE_TYPE, DNS_PTR, False)], [], [], []))
+        self.collector = HubCollector()
+        self.asker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.listener = _passive_listener(port, links, group) if listen else None
+
+    def run(self, timeout_s, settle_s=None):
+        self.asker.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, struct.pack("B", 255))
+        self._ask()
         start = time.monotonic()
-        deadline, retried = start + timeout_s, False
+        deadline, ask_again_at = start + timeout_s, start + MDNS_BROWSE_RETRY_S
         while True:
             now = time.monotonic()
-            if not retried and now - start >= MDNS_BROWSE_RETRY_S:
-                if not collector.instances:  # a lost datagram, or a hub still probing
-                    _send_query(asker, query, links, (group, port))
-                retried = True
+            if ask_again_at is not None and now >= ask_again_at:
+                if not self.collector.instances:  # a lost datagram, or a hub still probing
+                    self._ask()
+                ask_again_at = None
             if now >= deadline:
-                break
-            wake = deadline if retried else min(deadline, start + MDNS_BROWSE_RETRY_S)
-            ready, _, _ = select_readable([s for s in (asker, listener) if s], wake - now)
-            for sock in ready:
-                _read_answer(sock, sock is asker, query_id, port, collector)
-            if settle_s is not None and collector.hubs():
+                return self.collector.hubs()
+            sockets = [sock for sock in (self.asker, self.listener) if sock is not None]
+            for sock in select_readable(sockets, min(deadline, ask_again_at or deadline) - now)[0]:
+                self._read(sock)
+            if settle_s is not None and self.collector.hubs():
                 deadline = min(deadline, time.monotonic() + settle_s)
                 settle_s = None
-    finally:
-        asker.close()
-        if listener is not None:
-            listener.close()
-    return collector.hubs()
+
+    def _ask(self):
+        """Send the query out of every interface, loopback included, so a hub
+        on this machine is found even with Wi-Fi off."""
+        for link in one_link_per_interface(self.links):
+            try:
+                self.asker.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                                      socket.inet_aton(link.address))
+                self.asker.sendto(self.query, self.destination)
+            except OSError as exc:
+                log.debug("mDNS: cannot query on %s: %s", link.name, exc)
+
+    def _read(self, sock):
+        """Take one datagram if it answers us: on our own port, a reply to our
+        query ID (RFC 6762 section 6); on the mDNS port, a response from it."""
+        try:
+            datagram, source = sock.recvfrom(MDNS_MAX_PACKET_BYTES + 1)
+            message = decode_message(datagram)
+        except (OSError, MdnsDecodeError):
+            return
+        if not message.flags & DNS_FLAG_RESPONSE or message.flags & DNS_OPCODE_MASK:
+            return
+        ours = message.id == self.query_id if sock is self.asker else source[1] == self.port
+        if ours:
+            self.collector.add(message, source)
+
+    def close(self):
+        self.asker.close()
+        if self.listener is not None:
+            self.listener.close()
 
 
 def _passive_listener(port, links, group):
@@ -3695,36 +3733,6 @@ def _passive_listener(port, links, group):
     except OSError as exc:
         log.debug("mDNS: not listening on port %d: %s", port, exc)
         return None
-
-
-def _send_query(sock, query, links, destination):
-    """Send the query out of every interface, loopback included, so a hub on
-    this machine is found even with Wi-Fi off."""
-    names = set()
-    for link in links:
-        if link.name in names:
-            continue
-        names.add(link.name)
-        try:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                            socket.inet_aton(link.address))
-            sock.sendto(query, destination)
-        except OSError as exc:
-            log.debug("mDNS: cannot query on %s: %s", link.name, exc)
-
-
-def _read_answer(sock, one_shot, query_id, port, collector):
-    """Take one datagram if it is an answer for us: on our own port, a reply
-    to our query ID (RFC 6762 section 6); on 5353, a response from 5353."""
-    try:
-        datagram, source = sock.recvfrom(MDNS_MAX_PACKET_BYTES + 1)
-        message = decode_message(datagram)
-    except (OSError, MdnsDecodeError):
-        return
-    if not message.flags & DNS_FLAG_RESPONSE or message.flags & DNS_OPCODE_MASK:
-        return
-    if (message.id == query_id) if one_shot else (source[1] == port):
-        collector.add(message, source)
 
 
 # === Participant agent ===
@@ -4621,7 +4629,7 @@ def add_hub_argument(parser):
 def find_hub():
     """The hub to use when none is named: the one hub that answers on the
     local network, else localhost. Notes go to stderr, stdout stays clean."""
-    hubs = discover_hubs(settle_s=MDNS_BROWSE_SETTLE_S)
+    hubs = search_hubs(settle_s=MDNS_BROWSE_SETTLE_S)
     if not hubs:
         print("no hub answered on the local network (mDNS); trying %s (--hub URL or "
               "GAMBIARRA_HUB=URL skip the search)" % DEFAULT_HUB_URL, file=sys.stderr)
@@ -4641,8 +4649,16 @@ def describe_hub(hub):
                            " (version %s)" % printable(version) if version else "")
 
 
+def search_hubs(**options):
+    try:
+        return discover_hubs(**options)
+    except OSError as exc:  # no socket to be had: say so, as for no answer
+        print("cannot search the local network: %s" % exc, file=sys.stderr)
+        return []
+
+
 def cmd_discover(args):
-    hubs = discover_hubs(timeout_s=args.timeout)
+    hubs = search_hubs(timeout_s=args.timeout)
     if args.json:
         print(json.dumps([hub._asdict() for hub in hubs], indent=2))
     else:

@@ -3172,45 +3172,15 @@ class HubService:
         return one_link_per_interface(self.links)
 
 
-class MdnsResponder:
-    """Advertises one hub as ``<instance>._gambiarra._tcp.local``.
+class QueryAnswerer:
+    """Which packets answer a query, and where they go: multicast, unicast
+    for QU questions, a plain DNS reply for one-shot (legacy) queries."""
 
-    One daemon thread owns the socket: it probes the names, announces, answers
-    queries and, on close(), says goodbye. ``answer(datagram, source)`` is the
-    whole query logic without sockets, for tests.
-    """
-
-    def __init__(self, service_port, txt=None, instance=None, host_label=None, links=None,
-                 group=MDNS_GROUP, port=MDNS_PORT, timings=None):
-        self.service = HubService(service_port, txt, instance, host_label, links or ())
-        self._fixed_links = links
-        self.group, self.port = group, port
-        self.timings = timings or MdnsTimings()
-        self.state = "idle"  # -> waiting -> probing -> announced -> closed
+    def __init__(self, service, group, port, timings):
+        self.service, self.group, self.port, self.timings = service, group, port, timings
         self._last_multicast = {}   # (interface, record key) -> time
-        self._conflicts = collections.deque(maxlen=MDNS_CONFLICT_LIMIT)
-        self._timers, self._generation = [], 0
-        self._sock = self._thread = self._wake_r = self._wake_w = None
-        self._closing = threading.Event()
-        self._announced_event = threading.Event()
-        self._quiet = QuietLog()
 
-    # the query logic
-
-    def answer(self, datagram, source, now=None):
-        """The replies owed to one datagram from ``source`` (address, port).
-        Responses are only checked for conflicts with our names."""
-        now = time.monotonic() if now is None else now
-        message = decode_message(datagram)
-        if message.flags & DNS_OPCODE_MASK or message.flags & 0x000F:
-            return []  # RFC 6762 section 18: other opcodes and rcodes are ignored
-        if message.flags & DNS_FLAG_RESPONSE:
-            self._check_conflicts(message, source, now)
-            return []
-        if self.state == "probing" and message.authorities:
-            self._tiebreak(message, source)
-        if self.state != "announced" or not self.service.links:
-            return []
+    def replies(self, message, source, now):
         legacy = source[1] != self.port
         if legacy and (message.answers or message.authorities):
             return []  # avahi drops these too: no one-shot query carries records
@@ -3271,14 +3241,65 @@ class MdnsResponder:
             r for r in answers if not self._multicast_lately(r, link, now)]
         if not fresh:
             return []
-        for record in fresh + additionals:
-            self._last_multicast[(link.name, record_key(record))] = now
+        self.multicast(fresh + additionals, link, now)
         return [MdnsReply(response_packet(fresh, additionals), (self.group, self.port),
                           link, delay)]
 
     def _multicast_lately(self, record, link, now):
         last = self._last_multicast.get((link.name, record_key(record)))
         return last is not None and now - last < self.timings.repeat_s
+
+    def multicast(self, records, link, now):
+        """Note that ``records`` went out by multicast on ``link``."""
+        for record in records:
+            self._last_multicast[(link.name, record_key(record))] = now
+
+
+class MdnsResponder:
+    """Advertises one hub as ``<instance>._gambiarra._tcp.local``.
+
+    One daemon thread owns the socket: it probes the names, announces, answers
+    queries and, on close(), says goodbye. ``answer(datagram, source)`` is the
+    whole query logic without sockets, for tests.
+    """
+
+    def __init__(self, service_port, txt=None, instance=None, host_label=None, links=None,
+                 group=MDNS_GROUP, port=MDNS_PORT, timings=None):
+        self.service = HubService(service_port, txt, instance, host_label, links or ())
+        self._fixed_links = links
+        self.timings = timings or MdnsTimings()
+        self.answers = QueryAnswerer(self.service, group, port, self.timings)
+        self.state = "idle"  # -> waiting -> probing -> announced -> closed
+        self._conflicts = collections.deque(maxlen=MDNS_CONFLICT_LIMIT)
+        self._timers, self._generation = [], 0
+        self._sock = self._thread = self._wake_r = self._wake_w = None
+        self._closing = threading.Event()
+        self._announced_event = threading.Event()
+        self._quiet = QuietLog()
+
+    @property
+    def group(self):
+        return self.answers.group
+
+    @property
+    def port(self):
+        return self.answers.port
+
+    def answer(self, datagram, source, now=None):
+        """The replies owed to one datagram from ``source`` (address, port).
+        Responses are only checked for conflicts with our names."""
+        now = time.monotonic() if now is None else now
+        message = decode_message(datagram)
+        if message.flags & DNS_OPCODE_MASK or message.flags & 0x000F:
+            return []  # RFC 6762 section 18: other opcodes and rcodes are ignored
+        if message.flags & DNS_FLAG_RESPONSE:
+            self._check_conflicts(message, source, now)
+            return []
+        if self.state == "probing" and message.authorities:
+            self._tiebreak(message, source)
+        if self.state != "announced" or not self.service.links:
+            return []
+        return self.answers.replies(message, source, now)
 
     # conflicts (RFC 6762 sections 8.1 and 9)
 
@@ -3352,7 +3373,7 @@ class MdnsResponder:
                                   % (self.group, reasons))
         if failed:
             log.warning("mDNS: not announcing on %s", reasons)
-        self.port = self._sock.getsockname()[1]
+        self.answers.port = self._sock.getsockname()[1]  # when asked for port 0
         self._wake_r, self._wake_w = socket.socketpair()
         self._start_probing(random.uniform(0, self.timings.probe_wait_s))
         if self._fixed_links is None:
@@ -3478,8 +3499,7 @@ class MdnsResponder:
         for link in self.service.interfaces():
             records = self.service.records(link)
             answers = [records[kind] for kind in ("types", "ptr", "srv", "txt")] + records["a"]
-            for record in answers:
-                self._last_multicast[(link.name, record_key(record))] = now
+            self.answers.multicast(answers, link, now)
             self._send(response_packet(answers, [records["nsec"]]), (self.group, self.port), link)
         if count < len(self.timings.announce_gaps_s):
             self._schedule(self.timings.announce_gaps_s[count], self._announce, count + 1)

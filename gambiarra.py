@@ -31,6 +31,43 @@ Standard library only; CPython 3.8 to 3.13. MIT licence.
 
 from __future__ import annotations
 
+import os
+import sys
+
+#: What ``serve`` runs in its fresh interpreter: import this file by its path
+#: (whatever its name), then run the command line.
+IMPORT_AND_RUN = ("import importlib.util, sys; path = sys.argv.pop(1); "
+                  "spec = importlib.util.spec_from_file_location('gambiarra', path); "
+                  "module = importlib.util.module_from_spec(spec); "
+                  "sys.modules['gambiarra'] = module; spec.loader.exec_module(module); "
+                  "sys.exit(module.main())")
+
+
+def serve_as_import():
+    """Start ``serve`` again in a fresh interpreter that imports this file.
+
+    Run as a script, CPython keeps the file's whole syntax tree in memory until
+    the script ends: about 10 MiB, more than the hub itself needs, for days on
+    a Raspberry Pi. Imported, the tree is freed once compiled (or never built,
+    from __pycache__). Returns only if it cannot (not POSIX, no interpreter
+    path, or GAMBIARRA_REEXEC=0).
+    """
+    if os.name != "posix" or not sys.executable or os.environ.get("GAMBIARRA_REEXEC") == "0":
+        return
+    flags = [flag for flag, on in (("-E", sys.flags.ignore_environment),
+                                   ("-s", sys.flags.no_user_site), ("-S", sys.flags.no_site),
+                                   ("-I", sys.flags.isolated)) if on]
+    flags += ["-O"] * sys.flags.optimize
+    command = [sys.executable] + flags + ["-c", IMPORT_AND_RUN, os.path.abspath(__file__)]
+    try:
+        os.execv(sys.executable, command + sys.argv[1:])
+    except OSError:
+        pass  # serve from this process, as is
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
+    serve_as_import()  # before the imports below, which the fresh interpreter redoes
+
 import argparse
 import base64
 import collections
@@ -45,7 +82,6 @@ import http.server
 import itertools
 import json
 import logging
-import os
 import queue
 import random
 import re
@@ -55,7 +91,6 @@ import selectors
 import signal
 import socket
 import struct
-import sys
 import tempfile
 import threading
 import time

@@ -2713,13 +2713,14 @@ class TestClientCommands(HubTestCase):
 class TestServeProcess(unittest.TestCase):
     """``serve`` as users run it: a process, stopped by a signal."""
 
-    def start_serve(self):
+    def start_serve(self, python_flags=(), **env):
         self.state_home = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.state_home)
         process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "gambiarra.py"), "serve", "--host",
-             "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            universal_newlines=True, env=dict(os.environ, XDG_STATE_HOME=self.state_home))
+            [sys.executable] + list(python_flags) + [
+                os.path.join(HERE, "gambiarra.py"), "serve", "--host", "127.0.0.1", "--port",
+                "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+            env=dict(os.environ, XDG_STATE_HOME=self.state_home, **env))
         self.addCleanup(process.kill)
         self.addCleanup(process.stdout.close)
         self.addCleanup(process.stderr.close)
@@ -2731,6 +2732,20 @@ class TestServeProcess(unittest.TestCase):
         url = [word for line in banner for word in line.split()
                if word.startswith("http://127.0.0.1:")][0]
         return process, url, "".join(banner)
+
+    @unittest.skipUnless(os.path.exists("/proc/self/cmdline"), "reads /proc")
+    def test_serve_runs_as_an_import_of_the_file(self):
+        """So the script's syntax tree is not kept (11 MiB), with the same flags."""
+        for env, flags, reexec in (({}, ["-S"], True), ({"GAMBIARRA_REEXEC": "0"}, [], False)):
+            process, url, _ = self.start_serve(flags, **env)
+            with open("/proc/%d/cmdline" % process.pid, "rb") as f:
+                argv = f.read().decode().split("\0")
+            self.assertEqual(argv[1:3] == flags + ["-c"], reexec, argv)
+            self.assertIn("serve", argv)
+            with urllib_open(url + "/health") as response:
+                self.assertEqual(response.status, 200)
+            process.send_signal(signal.SIGTERM)
+            self.assertEqual(process.wait(WAIT_S), 0)
 
     def test_banner_health_and_clean_stop(self):
         for sig, expected in ((signal.SIGTERM, 0), (signal.SIGINT, 130)):

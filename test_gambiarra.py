@@ -1963,6 +1963,13 @@ class TestMdnsAnswers(unittest.TestCase):
         self.assertLessEqual(len(reply.packet), 512)
         self.assertEqual([r.data for r in records if r.type == gambiarra.DNS_A], ["10.9.0.1"])
 
+    def test_a_hub_bound_to_one_address_is_announced_on_its_interface_only(self):
+        with unittest.mock.patch.object(gambiarra, "network_links", lambda: [LOOPBACK, LAN, WIFI]):
+            for host, links in (("0.0.0.0", [LOOPBACK, LAN, WIFI]), ("", [LOOPBACK, LAN, WIFI]),
+                                ("127.0.0.1", [LOOPBACK]), ("localhost", [LOOPBACK]),
+                                ("192.0.2.2", [LAN])):
+                self.assertEqual(gambiarra.links_for_host(host), links, host)
+
     @unittest.skipUnless(sys.platform.startswith("linux"), "Linux interface flags")
     def test_interfaces_that_can_carry_multicast(self):
         cases = {0x49: True,     # lo: up, loopback, running (no multicast flag, works)

@@ -3345,17 +3345,18 @@ class MdnsResponder:
         conflicting = set()
         for record in message.answers + message.additionals:
             kind = kinds.get(record.name.lower())
-            if kind in ("instance", "host") and self._conflicts_with(record, kind):
+            if kind in ("instance", "host") and self._conflicts_with(record):
                 conflicting.add(kind)
         if conflicting:
             self._on_conflict(conflicting, source, now)
 
-    def _conflicts_with(self, record, kind):
+    def _conflicts_with(self, record):
         """While probing, any record with our name is someone else's claim; once
-        announced, only one with other data (our own echo is not a conflict)."""
-        if self.state == "probing":
-            return True
-        return record.ttl != 0 and not self.service.owns(record)
+        announced, only one with other data (our own echo is not a conflict).
+        A goodbye (TTL 0) claims nothing."""
+        if record.ttl == 0:
+            return False
+        return self.state == "probing" or not self.service.owns(record)
 
     def _tiebreak(self, message, source):
         """Another host probes for one of our names while we do (section 8.2):

@@ -1855,9 +1855,6 @@ class TestMdnsCodec(unittest.TestCase):
         self.assertEqual(message.additionals, [gambiarra.Record("", 41, 0x1194, option, False)])
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 class TestMdnsAnswers(unittest.TestCase):
     """The query logic, without sockets: MdnsResponder.answer(datagram, source)."""

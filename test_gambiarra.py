@@ -1960,6 +1960,25 @@ class TestMdnsAnswers(unittest.TestCase):
         self.assertLessEqual(len(reply.packet), 512)
         self.assertEqual([r.data for r in records if r.type == gambiarra.DNS_A], ["10.9.0.1"])
 
+    def test_sockaddr_layouts_of_linux_and_bsd(self):
+        import ctypes
+        address = socket.inet_aton("192.0.2.9")
+        layouts = {"linux": struct.pack("=H", socket.AF_INET) + b"\x00\x00" + address,
+                   "darwin": bytes([16, socket.AF_INET]) + b"\x00\x00" + address}
+        for platform, raw in layouts.items():
+            buffer = ctypes.create_string_buffer(raw + bytes(8))
+            with unittest.mock.patch.object(sys, "platform", platform):
+                self.assertEqual(gambiarra._ipv4_of(ctypes.addressof(buffer)), "192.0.2.9")
+                self.assertTrue(gambiarra._can_multicast(0x8863 if platform == "darwin"
+                                                         else 0x1043), platform)  # en0, eth0
+        self.assertIsNone(gambiarra._ipv4_of(None))
+
+    def test_without_getifaddrs_loopback_and_the_default_route_are_used(self):
+        with unittest.mock.patch.object(gambiarra, "_getifaddrs_links", lambda: []):
+            links = gambiarra.network_links()
+        self.assertEqual(links[0], LOOPBACK)
+        self.assertTrue(all(link.netmask in ("255.0.0.0", "255.255.255.0") for link in links))
+
     def test_a_hub_bound_to_one_address_is_announced_on_its_interface_only(self):
         with unittest.mock.patch.object(gambiarra, "network_links", lambda: [LOOPBACK, LAN, WIFI]):
             for host, links in (("0.0.0.0", [LOOPBACK, LAN, WIFI]), ("", [LOOPBACK, LAN, WIFI]),

@@ -4736,16 +4736,24 @@ def print_banner(hub):
     urls = ["http://%s:%d" % (host, port) for host in hosts]
     lines = ["Gambiarra hub %s is running. Use one of:" % __version__]
     lines += ["  " + url for url in urls]
-    lines += ["", "Create a room:   python3 gambiarra.py create \"My room\" --hub %s" % urls[-1],
+    hub_option = "" if hub.mdns_responder is not None else " --hub %s" % urls[-1]
+    lines += ["", "Create a room:   python3 gambiarra.py create \"My room\"%s" % hub_option,
               "  or with curl:  curl -X POST %s/rooms -H 'Content-Type: application/json' "
               "-d '{\"name\": \"My room\"}'" % urls[-1],
               "OpenAI clients:  base URL %s/rooms/CODE/v1" % urls[-1],
-              "Clients on this network find the hub by themselves (mDNS)" if hub.mdns_responder else
-              "Clients need --hub URL (start with --mdns to be found without it)",
+              how_clients_find(hub),
               "Rooms are kept in %s" % hub.state.path if hub.state else
               "Rooms are not kept across restarts (--state '')",
               "Press Ctrl-C to stop."]
     print("\n".join(lines), flush=True)
+
+
+def how_clients_find(hub):
+    if hub.mdns_responder is not None:
+        return "Clients on this network find the hub by themselves (mDNS)"
+    if hub.mdns:
+        return "mDNS is off (see the warning above): clients need --hub URL"
+    return "Clients need --hub URL (start with --mdns to be found without it)"
 
 
 def release_free_memory():

@@ -2292,6 +2292,27 @@ class TestHubMdns(MdnsTestCase):
         self.assertTrue(any(r.ttl == 0 and r.type == gambiarra.DNS_PTR
                             for m in messages for r in m.answers))
 
+    def banner(self, hub):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            gambiarra.print_banner(hub)
+        return out.getvalue()
+
+    def test_banner_says_how_clients_find_the_hub(self):
+        banner = self.banner(self.hub())
+        self.assertIn('create "My room"\n', banner)  # no --hub needed
+        self.assertIn("find the hub by themselves (mDNS)", banner)
+        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(busy.close)
+        busy.bind(("", 0))
+        CapturedLogs(self)
+        banner = self.banner(self.hub(port=busy.getsockname()[1]))
+        self.assertIn("mDNS is off", banner)
+        self.assertIn('create "My room" --hub http://', banner)
+        without = gambiarra.Hub("127.0.0.1", 0).start()
+        self.addCleanup(without.close)
+        self.assertIn("start with --mdns", self.banner(without))
+
     def test_port_held_exclusively_is_one_warning_and_http_goes_on(self):
         busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # no SO_REUSEADDR
         self.addCleanup(busy.close)

@@ -4769,22 +4769,52 @@ def release_free_memory():
             pass
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def stop_signals():
-    """Collect SIGINT and SIGTERM in a list instead of raising, and restore the
-    previous handlers afterwards. Yields (event set on a signal, signals seen)."""
+    """Collect SIGINT and SIGTERM instead of raising, and restore the previous
+    handlers afterwards. Yields (event set on a signal, signals seen).
+
+    The Python handler does nothing: it runs in the main thread wherever that
+    thread is, maybe inside ``stop.wait()`` holding the event's own lock, and
+    setting the event there deadlocks (seen: Ctrl-C hung ``serve``). The
+    signal number also goes to a wake-up socket (signal.set_wakeup_fd), and a
+    small thread reads it and sets the event.
+    """
     stop, seen = threading.Event(), []
-
-    def on_signal(signum, frame):
-        seen.append(signum)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in STOP_SIGNALS}
+    previous_fd = signal.set_wakeup_fd(writer.fileno())
+    watcher = threading.Thread(target=watch_stop_signals, args=(reader, stop, seen),
+                               name="signals", daemon=True)
+    watcher.start()
     try:
         yield stop, seen
     finally:
+        signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        writer.close()  # the watcher reads the end of the socket and returns
+        watcher.join(1.0)
+        reader.close()
+
+
+def watch_stop_signals(reader, stop, seen):
+    """Set ``stop`` when SIGINT or SIGTERM comes through the wake-up socket."""
+    while True:
+        try:
+            numbers = reader.recv(64)
+        except OSError:
+            return
+        if not numbers:
+            return
+        for number in numbers:
+            if number in STOP_SIGNALS:
+                seen.append(number)
+                stop.set()
 
 
 def cmd_serve(args):

@@ -2486,6 +2486,20 @@ class TestCli(unittest.TestCase):
         self.assertEqual(self.run_main("serve", "--port", "nope")[0], 2)
         self.assertEqual(self.run_main("serve", "--health-interval", "0")[0], 2)
 
+    def test_a_stop_signal_never_deadlocks_the_wait_for_it(self):
+        # The handler must not set the event itself: the main thread may be inside
+        # stop.wait(), holding the event's lock (a hang of serve seen on CPython 3.12).
+        code = ("import os, signal, threading, gambiarra\n"
+                "with gambiarra.stop_signals() as (stop, seen):\n"
+                "    threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+                "    while not stop.wait(0):\n"
+                "        pass\n"
+                "print(seen == [signal.SIGTERM])\n")
+        for _ in range(5):
+            finished = subprocess.run([sys.executable, "-c", code], cwd=HERE, timeout=WAIT_S,
+                                      stdout=subprocess.PIPE)
+            self.assertEqual(finished.stdout.strip(), b"True")
+
     def test_serve_on_a_busy_port_says_what_to_do(self):
         with socket.socket() as busy:
             busy.bind(("127.0.0.1", 0))

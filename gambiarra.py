@@ -105,6 +105,8 @@ log = logging.getLogger("gambiarra")
 # === Constants ===
 
 DEFAULT_HOST = "0.0.0.0"
+#: Listen addresses that mean "every interface".
+EVERY_INTERFACE = ("", "0.0.0.0", "::")
 DEFAULT_PORT = 3000
 DEFAULT_HUB_URL = "http://localhost:3000"
 
@@ -2522,7 +2524,7 @@ class Hub:
         """Advertise the hub on the local network; a machine that cannot do
         mDNS gets one warning and the hub goes on serving HTTP."""
         options = dict(self.mdns_options)
-        if self.host not in ("", "0.0.0.0", "::"):
+        if self.host not in EVERY_INTERFACE:
             options.setdefault("links", links_for_host(self.host))
         responder = MdnsResponder(self.port, **options)
         try:
@@ -3028,7 +3030,7 @@ def one_link_per_interface(links):
 def links_for_host(host):
     """The links an HTTP server bound to ``host`` is reachable on."""
     links = network_links()
-    if host in ("", "0.0.0.0", "::"):
+    if host in EVERY_INTERFACE:
         return links
     if host.startswith("127.") or host in ("localhost", "::1"):
         return [link for link in links if link.address.startswith("127.")]
@@ -3059,8 +3061,7 @@ def open_mdns_socket(port, links, group=MDNS_GROUP):
             joined.append(link)  # one membership per interface
             continue
         try:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-                            socket.inet_aton(group) + socket.inet_aton(link.address))
+            join_group(sock, group, link)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:  # EADDRINUSE: already a member
                 failed[link] = exc.strerror or str(exc)
@@ -3068,6 +3069,18 @@ def open_mdns_socket(port, links, group=MDNS_GROUP):
         names.add(link.name)
         joined.append(link)
     return sock, joined, failed
+
+
+def join_group(sock, group, link):
+    """Join ``group`` on ``link``'s interface: memberships are per interface."""
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                    socket.inet_aton(group) + socket.inet_aton(link.address))
+
+
+def send_multicast(sock, packet, destination, link):
+    """Send ``packet`` to the group out of ``link``'s interface (raises OSError)."""
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(link.address))
+    sock.sendto(packet, destination)
 
 
 # --- the responder ---
@@ -3478,9 +3491,9 @@ class MdnsResponder:
     def _send(self, packet, destination, link):
         try:
             if destination[0] == self.group:
-                self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                                      socket.inet_aton(link.address))
-            self._sock.sendto(packet, destination)
+                send_multicast(self._sock, packet, destination, link)
+            else:
+                self._sock.sendto(packet, destination)
         except OSError as exc:
             self._quiet.warning((link.name, exc.errno), "mDNS: cannot send on %s (%s): %s",
                                 link.name, link.address, exc)
@@ -3570,9 +3583,7 @@ class MdnsResponder:
         for link in links:
             if link.name not in {l.name for l in self.service.links}:
                 with contextlib.suppress(OSError):
-                    self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-                                          socket.inet_aton(self.group) +
-                                          socket.inet_aton(link.address))
+                    join_group(self._sock, self.group, link)
         log.info("mDNS: the network addresses changed; announcing again")
         self.service.links = links
         if self.state == "announced":
@@ -3757,9 +3768,7 @@ class HubSearch:
         on this machine is found even with Wi-Fi off."""
         for link in one_link_per_interface(self.links):
             try:
-                self.asker.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                                      socket.inet_aton(link.address))
-                self.asker.sendto(self.query, self.destination)
+                send_multicast(self.asker, self.query, self.destination, link)
             except OSError as exc:
                 log.debug("mDNS: cannot query on %s: %s", link.name, exc)
 
@@ -4505,6 +4514,12 @@ def positive_float(text):
     return value
 
 
+def add_command(commands, name, **options):
+    """A subcommand whose epilog keeps its line breaks (the examples)."""
+    return commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter,
+                               **options)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="gambiarra.py",
@@ -4514,10 +4529,9 @@ def build_parser():
     parser.add_argument("--version", action="version", version="gambiarra " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    serve = commands.add_parser(
-        "serve", help="run a hub", epilog=EPILOG_SERVE,
-        description="Run a hub that rooms, participants and OpenAI clients connect to.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve = add_command(
+        commands, "serve", help="run a hub", epilog=EPILOG_SERVE,
+        description="Run a hub that rooms, participants and OpenAI clients connect to.")
     serve.add_argument("--host", default=DEFAULT_HOST,
                        help="address to listen on (default: %(default)s, every interface)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -4559,10 +4573,9 @@ def build_parser():
                             "clients find it without --hub")
     serve.set_defaults(func=cmd_serve)
 
-    create = commands.add_parser(
-        "create", help="create a room", epilog=EPILOG_CREATE,
-        description="Create a room on a hub and print its code.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    create = add_command(
+        commands, "create", help="create a room", epilog=EPILOG_CREATE,
+        description="Create a room on a hub and print its code.")
     create.add_argument("name", nargs="?", default=None, help="room name")
     create.add_argument("--password", default=None,
                         help="protect the room: joining and using it will need this password")
@@ -4570,10 +4583,9 @@ def build_parser():
     create.add_argument("--json", action="store_true", help="print the hub's answer as JSON")
     create.set_defaults(func=cmd_create)
 
-    rooms = commands.add_parser(
-        "list", help="list rooms, their participants and models", epilog=EPILOG_LIST,
-        description="List the rooms of a hub with their participants and models.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rooms = add_command(
+        commands, "list", help="list rooms, their participants and models", epilog=EPILOG_LIST,
+        description="List the rooms of a hub with their participants and models.")
     add_hub_argument(rooms)
     add_password_argument(rooms)
     rooms.add_argument("--json", action="store_true",
@@ -4587,11 +4599,10 @@ def build_parser():
 
 
 def add_discover_parser(commands):
-    discover = commands.add_parser(
-        "discover", help="find the hubs on the local network", epilog=EPILOG_DISCOVER,
+    discover = add_command(
+        commands, "discover", help="find the hubs on the local network", epilog=EPILOG_DISCOVER,
         description="Ask the local network (mDNS) for Gambiarra hubs and print the URL "
-                    "of each one that answers.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "of each one that answers.")
     discover.add_argument("--timeout", type=positive_float, default=MDNS_BROWSE_S,
                           metavar="S", help="seconds to wait for answers (default: %(default)s)")
     discover.add_argument("--json", action="store_true",
@@ -4600,11 +4611,10 @@ def add_discover_parser(commands):
 
 
 def add_chat_parser(commands):
-    chat = commands.add_parser(
-        "chat", help="ask a room one question", epilog=EPILOG_CHAT,
+    chat = add_command(
+        commands, "chat", help="ask a room one question", epilog=EPILOG_CHAT,
         description="Send one prompt to a room and print the answer as it streams: "
-                    "the quickest check that a room works.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "the quickest check that a room works.")
     chat.add_argument("code", help="room code, like XK7P2M")
     chat.add_argument("prompt", help="what to ask")
     chat.add_argument("--model", default="*",
@@ -4617,12 +4627,11 @@ def add_chat_parser(commands):
 
 
 def add_monitor_parser(commands):
-    watch = commands.add_parser(
-        "monitor", help="follow the events of rooms", epilog=EPILOG_MONITOR,
+    watch = add_command(
+        commands, "monitor", help="follow the events of rooms", epilog=EPILOG_MONITOR,
         description="Follow the events of a room, or of every room of the hub, until "
                     "Ctrl-C: a live view on a terminal, one line per event (joins, leaves, "
-                    "requests, errors) when piped or with --json.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "requests, errors) when piped or with --json.")
     watch.add_argument("code", nargs="?", default=None,
                        help="room code (default: every room the hub lists now)")
     add_password_argument(watch)
@@ -4644,11 +4653,10 @@ def json_object(text):
 
 
 def add_join_parser(commands):
-    join = commands.add_parser(
-        "join", help="share your local LLM server in a room", epilog=EPILOG_JOIN,
+    join = add_command(
+        commands, "join", help="share your local LLM server in a room", epilog=EPILOG_JOIN,
         description="Join a room as a participant serving a local LLM server (Ollama, "
-                    "LM Studio, llama.cpp, vLLM...) and stay until Ctrl-C.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "LM Studio, llama.cpp, vLLM...) and stay until Ctrl-C.")
     join.add_argument("code", nargs="?", default=None, help="room code, like XK7P2M")
     join.add_argument("--code", dest="code_option", metavar="CODE", default=None,
                       help="the room code, as an option")
@@ -4729,7 +4737,7 @@ def cmd_discover(args):
 
 def print_banner(hub):
     port = hub.port
-    if hub.host in ("0.0.0.0", "::", ""):
+    if hub.host in EVERY_INTERFACE:
         hosts = ["localhost"] + local_ipv4_addresses()
     else:
         hosts = [hub.host]

@@ -145,6 +145,25 @@ POOL_IDLE_S = 4.0
 #: A tunnelled participant's long poll lasts this long by default, at most the max.
 TUNNEL_POLL_S = 25.0
 TUNNEL_POLL_MAX_S = 60.0
+#: A tunnelled participant whose agent has no poll open is still routed to for
+#: this long after its last poll ended (the agent polls again at once), and
+#: for this long after it joined.
+TUNNEL_LISTEN_MARGIN_S = 5.0
+#: Answer pieces (up to RELAY_READ_BYTES each) held per tunnelled request; past
+#: that, the agent's upload waits for the client to read.
+TUNNEL_PIECES = 64
+#: Interim (1xx) answers skipped before a backend's final one; more is a broken backend.
+MAX_INTERIM_ANSWERS = 8
+#: Answers without framing up to this size are sent whole, in one write; larger
+#: ones piece by piece as they arrive.
+WHOLE_ANSWER_BYTES = 65536
+#: Hubs a relayed request may have passed (Via entries) before it counts as a loop.
+MAX_VIA_HOPS = 8
+#: TCP keepalive: a peer that vanished without closing (a laptop's lid shut) is
+#: noticed after IDLE + INTERVAL x PROBES seconds of silence, not at a timeout.
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_PROBES = 3
 #: How long a request waits for a busy participant's free slot before a 503.
 DEFAULT_QUEUE_TIMEOUT_S = 60.0
 #: Seconds a 503 for busy participants suggests waiting (Retry-After).
@@ -312,6 +331,105 @@ def _reject_json_constant(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_json_constant)
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_space(text, index):
+    return _JSON_SPACE.match(text, index).end()
+
+
+def decode_members(text):
+    """Decode a JSON object member by member: (dict, {key: [(start, end) of
+    each of its values in text]}), or None when ``text`` is JSON but not an
+    object. ValueError names what is wrong; RecursionError when too deep."""
+    index = _skip_space(text, 0)
+    if not text.startswith("{", index):
+        _JSON_DECODER.decode(text)  # raises if it is no JSON at all
+        return None
+    fields, spans = {}, {}
+    index = _skip_space(text, index + 1)
+    closed = text.startswith("}", index)
+    while not closed:
+        if not text.startswith('"', index):
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes",
+                                       text, index)
+        key, index = _JSON_DECODER.raw_decode(text, index)
+        index = _skip_space(text, index)
+        if not text.startswith(":", index):
+            raise json.JSONDecodeError("Expecting ':' delimiter", text, index)
+        start = _skip_space(text, index + 1)
+        fields[key], index = _JSON_DECODER.raw_decode(text, start)
+        spans.setdefault(key, []).append((start, index))
+        index = _skip_space(text, index)
+        closed = text.startswith("}", index)
+        if not closed and not text.startswith(",", index):
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
+        index = _skip_space(text, index + 1) if not closed else index
+    index = _skip_space(text, index + 1)
+    if index != len(text):
+        raise json.JSONDecodeError("Extra data", text, index)
+    return fields, spans
+
+
+def _byte_spans(text, spans):
+    """``spans`` (indices in ``text``) as offsets in its UTF-8 bytes, in one pass."""
+    bounds = sorted({i for pairs in spans.values() for pair in pairs for i in pair})
+    offsets, position, offset = {}, 0, 0
+    for bound in bounds:
+        offset += len(text[position:bound].encode("utf-8"))
+        offsets[bound], position = offset, bound
+    return {key: [(offsets[a], offsets[b]) for a, b in pairs] for key, pairs in spans.items()}
+
+
+class JsonBody:
+    """A request's JSON object and the bytes it came as.
+
+    The relay forwards a client's body exactly as sent but for the top-level
+    "model", which becomes the participant's own name for it: re-encoding
+    the whole object would change how numbers are spelt, escape every
+    non-ASCII character (a Portuguese prompt grows, an emoji takes 12 bytes)
+    and cost time on a 30 MiB prompt. So the object is decoded member by
+    member, remembering where each top-level value lies in ``raw``.
+    """
+
+    __slots__ = ("raw", "fields", "_spans")
+
+    def __init__(self, raw):
+        self.raw = raw
+        try:
+            text = raw.decode("utf-8")
+            decoded = decode_members(text)
+        except UnicodeDecodeError:
+            raise ApiError(400, "Request body is not UTF-8 text", "invalid_json")
+        except RecursionError:
+            raise ApiError(400, "Request body is nested too deeply to decode (keep JSON under "
+                                "a few hundred levels)", "invalid_json")
+        except ValueError as exc:
+            raise ApiError(400, "Request body is not valid JSON (%s)" % exc, "invalid_json")
+        if decoded is None:
+            raise ApiError(400, "Request body must be a JSON object", "invalid_json")
+        self.fields, spans = decoded
+        self._spans = spans if len(text) == len(raw) else _byte_spans(text, spans)
+
+    def raw_value(self, key):
+        """The bytes of the (last) top-level value of ``key``, as sent, or None."""
+        spans = self._spans.get(key)
+        return self.raw[spans[-1][0]:spans[-1][1]] if spans else None
+
+    def with_value(self, key, value):
+        """The body's bytes with every top-level ``key`` set to ``value``."""
+        spans = self._spans.get(key)
+        if not spans:
+            return self.raw
+        encoded, view, parts, last = json_bytes(value), memoryview(self.raw), [], 0
+        for start, end in spans:
+            parts += [view[last:start], encoded]
+            last = end
+        parts.append(view[last:])
+        return b"".join(parts)
+
+
 def optional_object(body, field):
     """Return body[field] as a dict ({} when absent), or raise a 400."""
     value = body.get(field)
@@ -396,7 +514,8 @@ class Participant:
 
     __slots__ = ("id", "nickname", "model", "endpoint", "config", "specs", "transport",
                  "max_concurrent", "joined_at_ms", "last_seen_ms", "last_seen",
-                 "offline_since", "in_flight", "metrics", "penalized_until", "secret")
+                 "offline_since", "in_flight", "metrics", "penalized_until", "secret",
+                 "polls", "listening_until")
 
     def __init__(self, fields, clock):
         self.id = fields["id"]
@@ -414,10 +533,19 @@ class Participant:
         self.metrics = Metrics()
         self.penalized_until = 0.0
         self.secret = secrets.token_urlsafe(24)  # 192 bits; only join's answer shows it
+        self.polls = 0  # a tunnelled participant's polls open now
+        self.listening_until = self.last_seen + TUNNEL_LISTEN_MARGIN_S  # time to poll first
 
     @property
     def online(self):
         return self.offline_since is None
+
+    def reachable(self, now):
+        """Whether the hub can get a request to it: always for a direct one; for
+        a tunnelled one, while its agent polls (or has just polled), or while
+        it is full, which is why its agent is not polling."""
+        return (self.transport != "tunnel" or self.polls > 0 or now <= self.listening_until
+                or self.in_flight >= self.max_concurrent)
 
     def tunnel_key(self):
         """Names this participant's work queue; a re-join (new secret) gets a
@@ -531,13 +659,14 @@ class Target:
 class Waiter:
     """A request queued until a participant that can serve it has a free slot."""
 
-    __slots__ = ("requested", "exclude", "ready", "target")
+    __slots__ = ("requested", "exclude", "ready", "target", "error")
 
     def __init__(self, requested, exclude):
         self.requested = requested
         self.exclude = exclude
         self.ready = threading.Event()
         self.target = None  # set, under the registry lock, with the slot it got
+        self.error = None  # or the ApiError it gets when nobody can serve it any more
 
 
 def model_matches(requested, served):
@@ -645,11 +774,13 @@ class Registry:
 
     def join(self, code, fields, offered_secret=None):
         """Add a participant, or replace one that proves it is the same with
-        its current secret; return (participant JSON, room id, secret)."""
+        its current secret; return (participant JSON, room id, secret, the
+        replaced participant's tunnel key or None)."""
         with self._lock:
             room = self._room(code)
             participant = Participant(fields, self.clock)
             old = room.participants.get(participant.id)
+            replaced = None
             if old is not None:
                 if not secret_matches(offered_secret, old.secret):
                     raise ApiError(401, "Participant id '%s' is taken in this room; re-joining "
@@ -657,10 +788,11 @@ class Registry:
                                    "invalid_secret")
                 participant.metrics = old.metrics  # a re-join keeps its history
                 participant.in_flight = old.in_flight
+                replaced = old.tunnel_key() if old.transport == "tunnel" else None
             room.participants[participant.id] = participant
             self._serve_waiters(room)
             was_empty, room.empty_since_ms = room.empty_since_ms is not None, None
-            joined = participant.to_json(), room.id, participant.secret
+            joined = participant.to_json(), room.id, participant.secret, replaced
         if was_empty:
             self.on_rooms_changed()
         return joined
@@ -679,20 +811,10 @@ class Registry:
         with self._lock:
             self._own_participant(code, participant_id, offered_secret)
 
-    def tunnel_key(self, code, participant_id):
-        """The work queue name of a tunnelled participant (409 if it is direct)."""
-        with self._lock:
-            participant = self._present(code, participant_id)
-            if participant is None:
-                raise ApiError(404, "Participant not found", "participant_not_found")
-            if participant.transport != "tunnel":
-                raise ApiError(409, "Participant joined with transport 'direct': the hub calls "
-                                    "its endpoint itself", "not_tunnelled")
-            return participant.tunnel_key()
-
     def leave(self, code, participant_id, offered_secret):
+        """Remove a participant; return its tunnel key (None if direct)."""
         with self._lock:
-            self._own_participant(code, participant_id, offered_secret)
+            participant = self._own_participant(code, participant_id, offered_secret)
             room = self._room(code)
             del room.participants[participant_id]
             emptied = not room.participants
@@ -700,18 +822,64 @@ class Registry:
                 room.empty_since_ms = now_ms()
         if emptied:
             self.on_rooms_changed()
+        return participant.tunnel_key() if participant.transport == "tunnel" else None
 
     def heartbeat(self, code, participant_id, offered_secret):
         """Record a ping; return True when it brought the participant back online."""
         with self._lock:
             participant = self._own_participant(code, participant_id, offered_secret)
-            participant.last_seen = self.clock()
-            participant.last_seen_ms = now_ms()
-            came_back = not participant.online
-            participant.offline_since = None
-            if came_back:
+            return self._seen(code, participant)
+
+    def _seen(self, code, participant):
+        participant.last_seen = self.clock()
+        participant.last_seen_ms = now_ms()
+        came_back = not participant.online
+        participant.offline_since = None
+        if came_back:
+            self._serve_waiters(self._room(code))
+        return came_back
+
+    # -- the agents of tunnelled participants --
+
+    def poll_started(self, code, participant_id, offered_secret, wait_s):
+        """A tunnelled participant's agent polls: a heartbeat, and proof that
+        it listens until the poll ends. Returns (came back online, tunnel key);
+        poll_ended() must follow."""
+        with self._lock:
+            participant = self._own_participant(code, participant_id, offered_secret)
+            came_back = self._seen(code, participant)
+            if participant.transport != "tunnel":
+                raise ApiError(409, "Participant joined with transport 'direct': the hub calls "
+                                    "its endpoint itself", "not_tunnelled")
+            participant.polls += 1
+            participant.listening_until = max(participant.listening_until,
+                                              self.clock() + wait_s + TUNNEL_LISTEN_MARGIN_S)
+            if participant.polls == 1:
                 self._serve_waiters(self._room(code))
-            return came_back
+            return came_back, participant.tunnel_key()
+
+    def poll_ended(self, code, participant_id, tunnel_key, hung_up):
+        """A poll ended. The agent polls again at once, so it stays reachable
+        for a margin; unless it hung up its last poll (killed, or stopping)."""
+        with self._lock:
+            participant = self._present(code, participant_id)
+            if participant is None or participant.tunnel_key() != tunnel_key:
+                return  # it left, or re-joined: that poll counts no more
+            participant.polls -= 1
+            now = self.clock()
+            if hung_up and not participant.polls:
+                participant.listening_until = now
+            else:
+                participant.listening_until = max(participant.listening_until,
+                                                  now + TUNNEL_LISTEN_MARGIN_S)
+
+    def saw_agent(self, code, participant_id):
+        """The agent confirmed or answered a request: it is there."""
+        with self._lock:
+            participant = self._present(code, participant_id)
+            if participant is not None:
+                participant.listening_until = max(participant.listening_until,
+                                                  self.clock() + TUNNEL_LISTEN_MARGIN_S)
 
     def participants_json(self, code):
         with self._lock:
@@ -724,14 +892,21 @@ class Registry:
     def sweep(self):
         """Mark silent participants offline and forget long-gone ones.
 
-        Returns the events to publish as (room code, event, data) triples.
-        A participant goes offline once per silence, so one event per transition.
+        Returns (events, lost): the events to publish as (room code, event,
+        data) triples, and (room code, tunnel key, forgotten) of each
+        tunnelled participant that went offline or was forgotten, whose
+        requests must end now. A participant goes offline once per silence,
+        so one event per transition. Requests queued for a participant that
+        nobody can replace any more are answered at once.
         """
         now = self.clock()
-        events = []
+        events, lost = [], []
         with self._lock:
             for room in list(self._rooms.values()):
-                events.extend(self._sweep_participants(room, now))
+                changes = self._sweep_participants(room, now, lost)
+                if changes:
+                    self._strand_waiters(room)
+                events.extend(changes)
                 if not room.participants and room.empty_since_ms is None:
                     room.empty_since_ms = now_ms()
                 elif (room.empty_since_ms is not None
@@ -741,9 +916,9 @@ class Registry:
                                                                "code": room.code}))
         if any(event in ("room:removed", "participant:left") for _, event, _ in events):
             self.on_rooms_changed()
-        return events
+        return events, lost
 
-    def _sweep_participants(self, room, now):
+    def _sweep_participants(self, room, now, lost):
         events = []
         for participant in list(room.participants.values()):
             if participant.online:
@@ -751,11 +926,26 @@ class Registry:
                     participant.offline_since = now
                     events.append((room.code, "participant:offline",
                                    {"participantId": participant.id}))
+                    if participant.transport == "tunnel":
+                        lost.append((room.code, participant.tunnel_key(), False))
             elif now - participant.offline_since > self.forget_after_s:
                 del room.participants[participant.id]
                 events.append((room.code, "participant:left",
                                {"participantId": participant.id, "reason": "timeout"}))
+                if participant.transport == "tunnel":
+                    lost.append((room.code, participant.tunnel_key(), True))
         return events
+
+    def _strand_waiters(self, room):
+        """Answer at once the queued requests that no participant can serve any
+        more (under the lock): waiting for their timeout would help nobody."""
+        for waiter in list(room.waiting):
+            try:
+                self._candidates(room, waiter.requested, waiter.exclude)
+            except ApiError as exc:
+                waiter.error = exc
+                room.waiting.remove(waiter)
+                waiter.ready.set()
 
     # -- routing --
 
@@ -780,10 +970,14 @@ class Registry:
             room.waiting.append(waiter)
             self._serve_waiters(room)
         if waiter.ready.wait(wait_s):
+            if waiter.error is not None:
+                raise waiter.error
             return waiter.target
         with self._lock:
             if waiter.target is not None:  # a slot came just as the wait ended
                 return waiter.target
+            if waiter.error is not None:
+                raise waiter.error
             room.waiting.remove(waiter)
         raise ApiError(503, "Every participant that serves '%s' is busy (waited %g s); try "
                             "again shortly" % (requested, wait_s), "participants_busy",
@@ -815,16 +1009,20 @@ class Registry:
 
     def _candidates(self, room, requested, exclude):
         """The online participants a request may go to; 404/503 when none."""
+        now = self.clock()
         by_id = room.participants.get(requested)
         if by_id is not None:
             if not by_id.online:
                 raise ApiError(503, "Participant '%s' is offline" % requested,
                                "participant_offline")
+            if not by_id.reachable(now):
+                raise ApiError(503, "Participant '%s' is unreachable: its agent stopped polling "
+                                    "the hub" % requested, "participant_offline")
             return [by_id]
         name = requested[len("model:"):] if requested.startswith("model:") else requested
         wildcard = requested in ("*", "any")
         candidates = [p for p in room.participants.values()
-                      if p.online and p.id not in exclude
+                      if p.online and p.reachable(now) and p.id not in exclude
                       and (wildcard or model_matches(name, p.model))]
         if not candidates:
             online = sorted({p.model for p in room.participants.values() if p.online})
@@ -1046,6 +1244,56 @@ class EventBus:
 
 # === Relay ===
 
+def enable_keepalive(sock):
+    """Have the kernel probe a connection that goes quiet, so a peer that
+    vanished without closing it (a laptop's lid shut, its Wi-Fi gone) is
+    noticed in about IDLE + INTERVAL x PROBES seconds instead of at a timeout
+    of minutes. A live peer's kernel answers the probes even while its model
+    thinks, so slow answers are never cut."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                        ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+        option = getattr(socket, name, None)  # absent on some systems: their defaults then
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def has_pending_input(sock):
+    """True when an idle kept-alive connection has something to read: the
+    server closed it, or sent bytes nobody asked for. Either way it must not
+    carry the next request, whose answer those bytes would be taken for.
+    (poll(), not select(): a busy hub has descriptors above FD_SETSIZE.)"""
+    if not hasattr(select, "poll"):
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+class BackendResponse(http.client.HTTPResponse):
+    """http.client's response, reading past interim (1xx) answers.
+
+    http.client skips "100 Continue" only: a "103 Early Hints" would be taken
+    for the answer, and the real one left on the kept-alive connection for
+    the next user to receive. Every 1xx but 101 is read and dropped here (RFC
+    9110 section 15.2); a 101 to a POST, or endless interim answers, are a
+    broken backend. (_read_status is http.client's own step, the same in
+    CPython 3.8 to 3.13.)"""
+
+    def _read_status(self):
+        for _ in range(MAX_INTERIM_ANSWERS):
+            version, status, reason = super()._read_status()
+            if status == 101:
+                raise http.client.BadStatusLine("101 Switching Protocols to a POST")
+            if status >= 200:
+                return version, status, reason
+            try:
+                read_headers(self.fp)  # the interim answer's headers: dropped
+            except ValueError as exc:
+                raise http.client.BadStatusLine(str(exc))
+        raise http.client.BadStatusLine("more than %d interim answers" % MAX_INTERIM_ANSWERS)
+
+
 class _BackendMixin:
     """What the hub needs of a connection to a participant's server.
 
@@ -1055,6 +1303,7 @@ class _BackendMixin:
     """
 
     _corked = None
+    response_class = BackendResponse
 
     def __init__(self, host, port, connect_timeout, read_timeout):
         super().__init__(host, port, timeout=connect_timeout)
@@ -1063,6 +1312,7 @@ class _BackendMixin:
     def connect(self):
         super().connect()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        enable_keepalive(self.sock)
         self.sock.settimeout(self.read_timeout)
 
     def post(self, path, body, headers):
@@ -1095,8 +1345,9 @@ class ConnectionPool:
 
     Connections idle longer than ``idle_s`` are closed (by get() and by the
     hub's periodic prune()) before the backend closes them itself and leaves
-    them half-closed. ``_lock`` guards the idle lists only; connecting and
-    closing happen outside it.
+    them half-closed; one with anything to read is never handed out.
+    ``_lock`` guards the idle lists only; connecting and closing happen
+    outside it.
     """
 
     def __init__(self, connect_timeout, read_timeout, idle_s=POOL_IDLE_S, clock=time.monotonic):
@@ -1120,6 +1371,9 @@ class ConnectionPool:
                     expired = [conn] + [c for _, c in idle]
                     idle.clear()
                     conn = None
+        if conn is not None and conn.sock is not None and has_pending_input(conn.sock):
+            expired.append(conn)  # closed by the server, or unsolicited bytes
+            conn = None
         for old in expired:
             old.close()
         if conn is not None:
@@ -1288,7 +1542,7 @@ class Exchange:
             sock = self.conn.sock if self.conn is not None else None
             call = self.call
         if call is not None:
-            call.cancel()
+            call.end(("cancelled",))
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -1301,7 +1555,7 @@ class Exchange:
             self.call = call
             aborted = self.aborted
         if aborted:
-            call.cancel()
+            call.end(("cancelled",))
 
     def finish_backend(self):
         """Mark the backend's answer as fully read, unless aborted first."""
@@ -1324,6 +1578,27 @@ class BackendFailure(Exception):
 BACKEND_HEADERS = {"Content-Type": "application/json",
                    "Accept": "application/json, text/event-stream"}
 _USAGE_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+#: A Content-Type worth passing to a client: printable ASCII, nothing that
+#: could end the header line or start another.
+_CONTENT_TYPE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,199}\Z")
+
+
+def invalid_answer(message):
+    """A backend (or agent) whose answer's head cannot be passed on: nothing
+    reached the client yet, so another participant may be tried."""
+    return BackendFailure(502, "Participant's server sent an invalid answer (%s)" % message,
+                          "backend_invalid_answer", before_answer=True)
+
+
+def checked_answer_head(status, content_type):
+    """The Content-Type to relay with a final status, or BackendFailure."""
+    if not 200 <= status <= 599:
+        raise invalid_answer("status %d" % status)
+    if content_type is None:
+        return "application/json"
+    if not _CONTENT_TYPE.match(content_type):
+        raise invalid_answer("Content-Type %r" % printable(content_type[:80]))
+    return content_type
 
 
 class StreamStats:
@@ -1340,12 +1615,10 @@ class StreamStats:
     def saw(self, data, streaming):
         if self.first_byte_at is None:
             self.first_byte_at = time.monotonic()
+        self.tail = (self.tail + data)[-USAGE_TAIL_BYTES:]
         if streaming:
             self.events += data.count(b"data:") - data.count(b"data: [DONE]")
-            self.tail = (self.tail + data)[-USAGE_TAIL_BYTES:]
             self.done = self.done or b"data: [DONE]" in self.tail  # even if split across reads
-        else:
-            self.tail = data[-USAGE_TAIL_BYTES:]
 
     def tokens(self):
         """Completion tokens from the backend's usage, else the count of events."""
@@ -1355,118 +1628,321 @@ class StreamStats:
         return self.events or None
 
 
+class Channel:
+    """A bounded hand-over of pieces from one thread to another.
+
+    put() waits while the channel is full, so a slow reader slows the writer
+    down instead of filling the hub's memory; get() waits while it is empty.
+    Either side may end it with a reason: put() then refuses (False), and
+    get() returns the reason once the pieces kept are read. ``_ready``
+    guards the pieces.
+    """
+
+    def __init__(self, capacity):
+        self._ready = threading.Condition(threading.Lock())
+        self._pieces = collections.deque()
+        self._capacity = capacity
+        self.ended = None  # the reason, once ended
+
+    def put(self, piece):
+        with self._ready:
+            while len(self._pieces) >= self._capacity and self.ended is None:
+                self._ready.wait()
+            if self.ended is not None:
+                return False
+            self._pieces.append(piece)
+            self._ready.notify_all()
+            return True
+
+    def get(self, timeout):
+        """The next piece, or the reason the channel ended; socket.timeout
+        when nothing comes for ``timeout`` seconds."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._pieces or self.ended is not None,
+                                        timeout):
+                raise socket.timeout("nothing came for %g s" % timeout)
+            if not self._pieces:
+                return self.ended
+            piece = self._pieces.popleft()
+            self._ready.notify_all()
+            return piece
+
+    def end(self, reason, keep=False):
+        """End the channel (the first reason stays); drop what it holds unless
+        ``keep``, so the reader gets that first."""
+        with self._ready:
+            if self.ended is None:
+                self.ended = reason
+            if not keep:
+                self._pieces.clear()
+            self._ready.notify_all()
+
+
 class TunnelCall:
-    """One request handed to a tunnelled participant, and its answer coming
-    back: the participant's upload thread puts pieces in ``pieces``, the
-    client's relay thread takes them out."""
+    """One request handed to a tunnelled participant's agent, and its answer
+    coming back through ``answer``.
 
-    def __init__(self, path, body):
-        self.id = secrets.token_hex(8)
+    Its life: queued, taken by one of the agent's polls, accepted (the agent
+    confirmed it got the job, or it does not confirm), uploading; or ended at
+    any point (withdrawn, cancelled, abandoned). ``_lock`` guards ``state``;
+    whoever loses a race for a transition does nothing.
+    """
+
+    def __init__(self, code, tunnel_key, path, body, via):
+        self.id = secrets.token_hex(16)
+        self.code = code
+        self.tunnel_key = tunnel_key
+        self.participant_id = tunnel_key[0]
         self.path = path
-        self.body = body
-        # ("head", status, type, length), ("data", bytes), ("end",), ("error", message)
-        # when the participant could not reach its server, or ("cancelled",)
-        self.pieces = queue.Queue()
-        self.cancelled = threading.Event()  # the client left, or the hub closes
+        self.body = body  # the JSON body to forward, as bytes
+        self.via = via
+        self.state = "queued"
+        self.answer = Channel(TUNNEL_PIECES)
+        self.settled = threading.Event()  # accepted, or ended
+        self._lock = threading.Lock()
 
-    def job(self):
-        return {"requestId": self.id, "path": self.path, "body": self.body}
+    def job(self, confirm):
+        """The poll's answer: the request, its body spliced in as it came."""
+        head = json_bytes({"requestId": self.id, "path": self.path, "via": self.via,
+                           "accept": confirm})
+        return head[:-1] + b',"body":' + self.body + b"}"
 
-    def cancel(self):
-        """Stop the upload and wake the relay thread waiting for pieces."""
-        self.cancelled.set()
-        self.pieces.put(("cancelled",))
+    def _move(self, allowed, state):
+        with self._lock:
+            if self.state not in allowed:
+                return False
+            self.state = state
+        return True
+
+    def take(self, confirm):
+        """A poll takes the call (False if it is no longer queued)."""
+        taken = self._move(("queued",), "taken" if confirm else "accepted")
+        if taken and not confirm:
+            self.settled.set()
+        return taken
+
+    def accept(self):
+        """The agent confirms it has the job and starts on it."""
+        accepted = self._move(("taken", "accepted"), "accepted")
+        if accepted:
+            self.settled.set()
+        return accepted
+
+    def begin_upload(self):
+        """The agent's answer arrives: proof enough that it took the call."""
+        started = self._move(("taken", "accepted"), "uploading")
+        if started:
+            self.settled.set()
+        return started
+
+    def withdraw(self):
+        """Give up on a call that no agent accepted in time (False if one just did)."""
+        withdrawn = self._move(("queued", "taken"), "ended")
+        if withdrawn:
+            self.answer.end(("unreachable", None))
+            self.settled.set()
+        return withdrawn
+
+    def end(self, reason, unless_taken=False, keep=False):
+        """End the call whatever its state (or only while queued); ``keep``
+        delivers the pieces already uploaded before the reason."""
+        if not self._move(("queued",) if unless_taken else
+                          ("queued", "taken", "accepted", "uploading"), "ended"):
+            return False
+        self.answer.end(reason, keep)
+        self.settled.set()
+        return True
+
+
+class TunnelPoll:
+    """One long poll of an agent, which its client hanging up can end early."""
+
+    __slots__ = ("line", "gone")
+
+    def __init__(self, line):
+        self.line = line  # (room code, tunnel key)
+        self.gone = False
+
+
+class TunnelLine:
+    """The calls waiting for one tunnelled participant's polls."""
+
+    __slots__ = ("calls", "wakeup", "polls")
+
+    def __init__(self, lock):
+        self.calls = collections.deque()
+        self.wakeup = threading.Condition(lock)
+        self.polls = 0
 
 
 class TunnelBroker:
     """Work queues of tunnelled participants: a participant's agent long-polls
     for calls and uploads each answer on a connection of its own, so its LLM
-    server never has to be reachable from the hub. ``_lock`` guards the two
-    dicts; queues do their own locking."""
+    server never has to be reachable from the hub.
 
-    STOP = None  # put in a job queue to end the long polls at close()
+    ``_lock`` guards the lines, the calls and the retired keys; each line's
+    condition shares it, so a new call wakes one poll of its participant
+    only. Lock order: broker, then a call's own lock.
+    """
+
+    RETIRED = "retired"  # what a poll of a participant that re-joined or left gets
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._jobs = {}  # (room code, participant id) -> queue of TunnelCalls
-        self._calls = {}  # call id -> TunnelCall awaiting its answer
+        self._lines = {}  # (room code, tunnel key) -> TunnelLine
+        self._calls = {}  # call id -> TunnelCall not yet finished
+        self._retired = {}  # (room code, tunnel key) -> when; its polls end at once
+        self._closed = False
 
-    def _queue(self, key):
-        with self._lock:
-            return self._jobs.setdefault(key, queue.Queue())
+    def _line(self, line_key):
+        line = self._lines.get(line_key)
+        if line is None:
+            line = self._lines[line_key] = TunnelLine(self._lock)
+        return line
 
-    def submit(self, code, tunnel_key, path, body):
-        call = TunnelCall(path, body)
+    def _drop_line_if_idle(self, line_key):
+        line = self._lines.get(line_key)
+        if line is not None and not line.polls and not line.calls:
+            del self._lines[line_key]
+
+    def submit(self, code, tunnel_key, path, body, via):
+        """Queue a call for the participant's next poll."""
+        call = TunnelCall(code, tunnel_key, path, body, via)
+        line_key = (code, tunnel_key)
         with self._lock:
+            if self._closed or line_key in self._retired:
+                call.withdraw()
+                return call
             self._calls[call.id] = call
-        self._queue((code, tunnel_key)).put(call)
+            line = self._line(line_key)
+            line.calls.append(call)
+            line.wakeup.notify()
         return call
 
-    def finish(self, call):
+    def next_call(self, poll, wait_s, confirm):
+        """The next call for the poll's participant; None after ``wait_s``
+        (or when the poll's client hangs up or the hub closes); RETIRED once
+        the participant re-joined or left."""
+        deadline = time.monotonic() + wait_s
         with self._lock:
+            line = self._line(poll.line)
+            line.polls += 1
+            try:
+                while True:
+                    if poll.line in self._retired:
+                        return self.RETIRED
+                    if self._closed or poll.gone:
+                        return None
+                    while line.calls:
+                        call = line.calls.popleft()
+                        if call.take(confirm):
+                            return call
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    line.wakeup.wait(remaining)
+            finally:
+                line.polls -= 1
+                if line.calls:
+                    line.wakeup.notify()  # a call came as this poll left: wake another
+                self._drop_line_if_idle(poll.line)
+
+    def hang_up(self, poll):
+        """The poll's client closed its connection: end that poll now."""
+        with self._lock:
+            poll.gone = True
+            line = self._lines.get(poll.line)
+            if line is not None:
+                line.wakeup.notify_all()
+
+    def withdraw(self, call):
+        """Take back a call that no agent accepted in time; False if one just did."""
+        with self._lock:
+            if not call.withdraw():
+                return False
+            line_key = (call.code, call.tunnel_key)
+            line = self._lines.get(line_key)
+            if line is not None and call in line.calls:
+                line.calls.remove(call)
+                self._drop_line_if_idle(line_key)
             self._calls.pop(call.id, None)
+        return True
 
     def call(self, call_id):
         with self._lock:
             return self._calls.get(call_id)
 
-    def next_job(self, code, tunnel_key, wait_s):
-        """The next live call for this participant, or None after ``wait_s``."""
-        jobs = self._queue((code, tunnel_key))
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                call = jobs.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return None
-            if call is self.STOP:
-                jobs.put(call)  # for the participant's other pollers
-                return None
-            if not call.cancelled.is_set():
-                return call
+    def finish(self, call):
+        with self._lock:
+            self._calls.pop(call.id, None)
+
+    def abandon(self, code, tunnel_key, reason, queued_only=False):
+        """End the participant's calls: those still queued as unreachable (the
+        relay fails over), the others with ``reason`` unless ``queued_only``."""
+        with self._lock:
+            calls = [c for c in self._calls.values()
+                     if c.code == code and c.tunnel_key == tunnel_key]
+            line = self._lines.get((code, tunnel_key))
+            if line is not None:
+                line.calls.clear()
+                self._drop_line_if_idle((code, tunnel_key))
+        for call in calls:
+            if not call.end(("unreachable", None), unless_taken=True) and not queued_only:
+                call.end(reason)
+
+    def retire(self, code, tunnel_key):
+        """The participant re-joined (new secret) or left: its queued calls
+        move on, and its polls end at once (their agent re-joins or stops)."""
+        now = time.monotonic()
+        with self._lock:
+            for key, since in list(self._retired.items()):
+                if now - since > TUNNEL_POLL_MAX_S + TUNNEL_LISTEN_MARGIN_S:
+                    del self._retired[key]  # no poll with that key can still be open
+            self._retired[(code, tunnel_key)] = now
+            line = self._lines.get((code, tunnel_key))
+            if line is not None:
+                line.wakeup.notify_all()
+        self.abandon(code, tunnel_key, None, queued_only=True)
 
     def close(self):
         with self._lock:
-            queues = list(self._jobs.values())
+            self._closed = True
             calls = list(self._calls.values())
-        for jobs in queues:
-            jobs.put(self.STOP)
+            for line in self._lines.values():
+                line.wakeup.notify_all()
         for call in calls:
-            call.cancel()
+            call.end(("closing",))
 
 
 class TunnelResponse:
     """The answer of a tunnelled participant, read like an http.client
     response, so the relay streams it exactly as a direct one."""
 
+    chunked = True
+    length = None
+    will_close = False
+
     def __init__(self, call, timeout):
         self.call = call
         self.timeout = timeout
-        kind, *head = self._next()
-        if kind == "error":
-            raise ConnectionRefusedError(errno.ECONNREFUSED, head[0])
-        if kind != "head":  # cancelled
-            raise http.client.IncompleteRead(b"")
-        self.status, self._type, self.length = head
-        self.chunked = self.length is None
-        self.will_close = False
+        piece = self._next()
+        if piece[0] != "head":
+            raise self._failure(piece, before_answer=True)
+        _, self.status, self._type = piece
 
     def _next(self):
-        try:
-            return self.call.pieces.get(timeout=self.timeout)
-        except queue.Empty:
-            raise socket.timeout("the tunnel sent nothing")
+        return self.call.answer.get(self.timeout)
 
     def getheader(self, name, default=None):
         return self._type or default if name.lower() == "content-type" else default
 
     def read1(self, n=-1):
-        kind, *piece = self._next()
-        if kind == "data":
-            return piece[0]
-        if kind == "end":
+        piece = self._next()
+        if piece[0] == "data":
+            return piece[1]
+        if piece[0] == "end":
             return b""
-        raise http.client.IncompleteRead(b"")  # the upload broke off, or cancelled
+        raise self._failure(piece, before_answer=False)
 
     def read(self):
         parts = []
@@ -1476,13 +1952,37 @@ class TunnelResponse:
                 return b"".join(parts)
             parts.append(data)
 
+    def close(self):
+        pass
+
+    @staticmethod
+    def _failure(piece, before_answer):
+        """The BackendFailure for a piece that ends the answer early."""
+        kind, detail = piece[0], (piece[1:] or (None,))[0]
+        if kind == "unreachable":
+            return BackendFailure(502, "Participant's server is unreachable (%s)" % (
+                detail or "its agent did not take the request"), "backend_unreachable",
+                before_answer=before_answer, refused=True)
+        if kind == "gone":
+            return BackendFailure(502, "Participant went offline (%s)" % detail,
+                                  "participant_gone", before_answer=before_answer)
+        if kind == "invalid":
+            return invalid_answer(detail)
+        if kind == "cancelled":
+            return BackendFailure(503, "The request was cancelled", "cancelled")
+        if kind == "closing":
+            return BackendFailure(503, "The hub is shutting down", "hub_closing")
+        return BackendFailure(502, "Participant's server broke off the answer (%s)" % detail,
+                              "backend_disconnected")
+
 
 class Relay:
     """Forwards OpenAI requests to participants and their answers back.
 
-    Streams are relayed chunk by chunk as they arrive, never buffered; errors
-    that happen after the answer started end the client's stream with an
-    OpenAI-style error event so SDKs raise instead of returning half an answer.
+    Answers are relayed piece by piece as they arrive, never buffered whole;
+    errors that happen after a streamed answer started end the client's
+    stream with an OpenAI-style error event so SDKs raise instead of
+    returning half an answer.
     """
 
     def __init__(self, registry, bus, watcher, tunnels, connect_timeout, backend_timeout,
@@ -1513,13 +2013,15 @@ class Relay:
             time.sleep(0.01)
         self.pool.close()
 
-    def forward(self, handler, code, api_path, body):
+    def forward(self, handler, code, api_path, body, via):
         """Answer ``handler``'s request from the best participant, failing over.
 
-        A failure before the backend answered (refused, reset) moves on to
-        the next matching participant, unless the client named one by id.
+        ``body`` is the request's JsonBody; ``via`` the Via header to send on.
+        A failure before the backend answered (refused, reset, a tunnel no
+        agent took) moves on to the next matching participant, unless the
+        client named one by id.
         """
-        requested = require_string(body, "model", MAX_NAME_CHARS)
+        requested = require_string(body.fields, "model", MAX_NAME_CHARS)
         tried = set()
         failure = None
         while True:
@@ -1531,19 +2033,20 @@ class Relay:
                     raise
                 raise ApiError(failure.status, failure.message, failure.code)
             tried.add(target.id)
-            failure = self._attempt(handler, code, target, api_path, body)
+            failure = self._attempt(handler, code, target, api_path, body, via)
             if failure is None or not failure.before_answer or target.by_id:
                 if failure is not None:
                     raise ApiError(failure.status, failure.message, failure.code)
                 return
 
-    def _attempt(self, handler, code, target, api_path, body):
+    def _attempt(self, handler, code, target, api_path, body, via):
         """One try against one participant; returns a BackendFailure or None."""
         request_id = "%x-%x" % (self._boot, next(self._request_numbers))
         started = time.monotonic()
+        model = body.fields["model"]
         self.bus.publish(code, "llm:request", {"participantId": target.id,
-                                               "model": body["model"], "requestId": request_id})
-        forwarded = dict(body, model=target.model)
+                                               "model": model, "requestId": request_id})
+        forwarded = body.with_value("model", target.model)
         stats = StreamStats()
         exchange = Exchange(code, target.id)
         with self._lock:
@@ -1551,7 +2054,7 @@ class Relay:
         watch = self.watcher.watch(handler.connection, exchange.abort)
         status = None
         try:
-            status = self._exchange(handler, exchange, target, api_path, forwarded, stats)
+            status = self._exchange(handler, exchange, target, api_path, forwarded, via, stats)
             failure = None
         except BackendFailure as exc:
             failure = exc
@@ -1560,7 +2063,7 @@ class Relay:
             with self._lock:
                 self._active.discard(exchange)
             self._done_with_backend(exchange)
-        self._report(code, target, request_id, body["model"], started, stats, status,
+        self._report(code, target, request_id, model, started, stats, status,
                      failure, exchange.client_gone)
         if exchange.client_gone:
             handler.close_connection = True
@@ -1569,15 +2072,19 @@ class Relay:
 
     def _report(self, code, target, request_id, model, started, stats, status, failure,
                 client_gone):
-        """Publish llm:complete or llm:error and update the participant's metrics."""
+        """Publish llm:complete, llm:cancelled or llm:error, and update the
+        participant's metrics. A client that hangs up is its own doing: not
+        the participant's error."""
         ttft_ms = None
         if stats.first_byte_at is not None:
             ttft_ms = round((stats.first_byte_at - started) * 1000, 1)
+        duration_ms = round((time.monotonic() - started) * 1000, 1)
         if client_gone and not stats.done:
             self.registry.record(code, target.id, ttft_ms=ttft_ms)
-            self.bus.publish(code, "llm:error", {
+            self.bus.publish(code, "llm:cancelled", {
                 "participantId": target.id, "requestId": request_id, "model": model,
-                "error": "client went away before the answer finished"})
+                "reason": "the client went away before the answer finished",
+                "ttftMs": ttft_ms, "durationMs": duration_ms})
             return
         if failure is not None:
             if failure.code != "hub_closing":  # the hub stopping is nobody's fault
@@ -1587,7 +2094,6 @@ class Relay:
                                                  "requestId": request_id, "model": model,
                                                  "error": failure.message})
             return
-        duration_s = time.monotonic() - started
         tokens = stats.tokens()
         tokens_per_second = None
         if tokens and stats.first_byte_at is not None:
@@ -1599,7 +2105,7 @@ class Relay:
                               failed=status is not None and status >= 500)
         self.bus.publish(code, "llm:complete", {
             "participantId": target.id, "requestId": request_id, "model": model,
-            "status": status, "ttftMs": ttft_ms, "durationMs": round(duration_s * 1000, 1),
+            "status": status, "ttftMs": ttft_ms, "durationMs": duration_ms,
             "tokens": tokens, "tokensPerSecond": tokens_per_second})
 
     def _warn(self, participant_id, failure):
@@ -1619,7 +2125,8 @@ class Relay:
 
         Called as soon as the backend's answer is all read, before the last
         bytes go to the client, so the client's next request finds both the
-        connection pooled and the participant no longer busy.
+        connection pooled and the participant no longer busy. A connection
+        goes back to the pool only when its answer was read to its very end.
         """
         if exchange.released:
             return
@@ -1627,7 +2134,7 @@ class Relay:
         if exchange.call is not None:
             self.tunnels.finish(exchange.call)
             if not exchange.backend_done:  # the client left mid-answer: 410 the upload
-                exchange.call.cancel()
+                exchange.call.end(("cancelled",))
         conn, exchange.conn = exchange.conn, None
         if conn is not None and exchange.backend_done and conn.sock is not None:
             self.pool.put(exchange.key, conn)  # (sock is None if the backend said close)
@@ -1635,42 +2142,49 @@ class Relay:
             conn.close()
         self.registry.release(exchange.code, exchange.participant_id)
 
-    def _exchange(self, handler, exchange, target, api_path, forwarded, stats):
+    def _exchange(self, handler, exchange, target, api_path, forwarded, via, stats):
         if target.tunnel_key is not None:
-            response = self._call_tunnel(exchange, target, api_path, forwarded)
+            response = self._call_tunnel(exchange, target, api_path, forwarded, via)
         else:
             parts = urllib.parse.urlsplit(target.endpoint)
             exchange.key = (parts.scheme, parts.hostname,
                             parts.port or (443 if parts.scheme == "https" else 80))
-            response = self._send(exchange.key, parts.path + api_path, json_bytes(forwarded),
-                                  exchange)
+            response = self._send(exchange.key, parts.path + api_path, forwarded, via, exchange)
         self._relay_response(handler, exchange, response, stats)
         return response.status
 
-    def _call_tunnel(self, exchange, target, api_path, forwarded):
-        """Hand the request to a tunnelled participant; wait for its answer's head."""
-        call = self.tunnels.submit(exchange.code, target.tunnel_key, api_path, forwarded)
+    def _call_tunnel(self, exchange, target, api_path, forwarded, via):
+        """Hand the request to a tunnelled participant; wait for its answer's head.
+
+        No poll of its agent taking (and accepting) the call within the
+        connect timeout is "unreachable", like a refused connection: the
+        relay fails over. Then the agent's server has the backend timeout
+        to start answering, as a direct one has."""
+        call = self.tunnels.submit(exchange.code, target.tunnel_key, api_path, forwarded, via)
         exchange.attach(call)
+        if not call.settled.wait(self.connect_timeout) and self.tunnels.withdraw(call):
+            raise BackendFailure(502, "Participant's agent did not take the request within %g s "
+                                 "(is its 'join' still running?)" % self.connect_timeout,
+                                 "backend_unreachable", before_answer=True, refused=True)
         try:
             return TunnelResponse(call, self.backend_timeout)
         except socket.timeout as exc:
-            raise BackendFailure(504, "Participant's tunnel sent nothing for %g s"
+            raise BackendFailure(504, "Participant's server sent nothing for %g s"
                                  % self.backend_timeout, "backend_timeout") from exc
-        except OSError as exc:  # the participant could not reach its own server
-            raise BackendFailure(502, "Participant's server is unreachable (%s)" % exc.strerror,
-                                 "backend_unreachable", before_answer=True) from exc
-        except http.client.HTTPException as exc:
-            raise BackendFailure(503 if exchange.aborted else 502,
-                                 *self._read_failure(exchange, exc)) from exc
+        except BackendFailure as exc:
+            if exchange.aborted:
+                raise BackendFailure(503, *self._read_failure(exchange, exc)) from exc
+            raise
 
-    def _send(self, key, path, payload, exchange):
+    def _send(self, key, path, payload, via, exchange):
         """Send the request and read the answer's head, retrying a stale pooled
         connection once. Failures here happen before any answer: failover-safe."""
+        headers = dict(BACKEND_HEADERS, Via=via)
         for attempt in (1, 2):
             conn, reused = self.pool.get(key, fresh=attempt > 1)
             exchange.conn = conn
             try:
-                conn.post(path, payload, BACKEND_HEADERS)
+                conn.post(path, payload, headers)
                 if exchange.aborted:
                     raise ConnectionAbortedError("aborted")
                 return conn.getresponse()
@@ -1690,6 +2204,9 @@ class Relay:
                 conn.close()
                 if exchange.aborted:
                     raise BackendFailure(503, *self._read_failure(exchange, exc))
+                if isinstance(exc, http.client.BadStatusLine) and not isinstance(
+                        exc, http.client.RemoteDisconnected):
+                    raise invalid_answer(str(exc)[:200])
                 if reused and attempt == 1:
                     continue  # the backend closed an idle connection; try a fresh one
                 raise BackendFailure(502, "Participant's server at %s:%s is unreachable (%s)" % (
@@ -1698,44 +2215,62 @@ class Relay:
         raise AssertionError("unreachable")
 
     def _relay_response(self, handler, exchange, response, stats):
-        """Pass the backend's answer through: whole, or chunk by chunk as it comes."""
-        content_type = response.getheader("Content-Type", "application/json")
-        streaming = response.chunked or response.length is None
-        if not streaming:
+        """Pass the backend's answer through: small ones whole, in one write;
+        others piece by piece as they come, whatever their framing."""
+        content_type = checked_answer_head(response.status, response.getheader("Content-Type"))
+        length = None if response.chunked else response.length
+        if length is not None and length <= WHOLE_ANSWER_BYTES:
             return self._relay_whole(handler, exchange, response, content_type, stats)
-        handler.start_chunked(response.status, content_type, [("X-Accel-Buffering", "no")])
-        failure = None
+        if length is None:
+            handler.start_chunked(response.status, content_type, [("X-Accel-Buffering", "no")])
+        else:
+            handler.start_sized(response.status, content_type, length)
+        failure = self._pipe(handler, exchange, response, stats, length)
+        if exchange.client_gone:
+            handler.close_connection = True
+        elif failure is not None:
+            if length is None:
+                handler.end_chunked(b"data: " + json_bytes(openai_error(502, *failure))
+                                    + b"\n\n")
+            else:
+                handler.close_connection = True  # a short body: the client sees it broke
+            raise BackendFailure(502, failure[0], failure[1])
+        elif length is None:
+            handler.end_chunked()
+
+    def _pipe(self, handler, exchange, response, stats, length):
+        """Copy the answer's body to the client as it arrives, ``length``
+        bytes or up to its end. Returns (message, code) if it broke off."""
+        left = length
         while True:
             try:
                 data = response.read1(RELAY_READ_BYTES)
+            except BackendFailure as exc:
+                return self._read_failure(exchange, exc)
             except (http.client.HTTPException, OSError, ValueError) as exc:
-                failure = self._read_failure(exchange, exc)
-                break
-            if not data and exchange.aborted:  # a close-delimited answer cut by close()
-                failure = self._read_failure(exchange, None)
-                break
+                return self._read_failure(exchange, exc)
+            if not data and (exchange.aborted or left):  # cut by close(), or short
+                return self._read_failure(exchange, http.client.IncompleteRead(b""))
             if not data:
+                response.close()  # read to its end: the connection may be reused
                 exchange.finish_backend()
                 self._done_with_backend(exchange)
-                break
-            stats.saw(data, True)
+                return None
+            if left is not None:
+                left -= len(data)
+            stats.saw(data, length is None)
             try:
                 handler.write_chunk(data)
             except ClientGone:
                 exchange.client_gone = True
-                break
-        if exchange.client_gone:
-            handler.close_connection = True
-        elif failure is not None:
-            handler.end_chunked(b"data: " + json_bytes(openai_error(502, *failure)) + b"\n\n")
-            raise BackendFailure(502, failure[0], failure[1])
-        else:
-            handler.end_chunked()
+                return None
 
     def _read_failure(self, exchange, exc):
         """(message, code) for an answer that could not be read to its end."""
         if exchange.aborted and not exchange.client_gone:
             return "The hub is shutting down", "hub_closing"
+        if isinstance(exc, BackendFailure):
+            return exc.message, exc.code
         if isinstance(exc, socket.timeout):
             return ("Participant's server sent nothing for %g s" % self.backend_timeout,
                     "backend_timeout")
@@ -1743,6 +2278,7 @@ class Relay:
                 "backend_disconnected")
 
     def _relay_whole(self, handler, exchange, response, content_type, stats):
+        """A small answer: read it (at most WHOLE_ANSWER_BYTES), send it in one write."""
         try:
             data = response.read()
         except (http.client.HTTPException, OSError) as exc:
@@ -1788,6 +2324,8 @@ ROUTES = (
     ("GET", r"/rooms/(?P<code>[^/]+)/tunnel/(?P<participant_id>[^/]+)", "route_tunnel_poll"),
     ("POST", r"/rooms/(?P<code>[^/]+)/tunnel/(?P<participant_id>[^/]+)/(?P<call_id>[^/]+)",
      "route_tunnel_answer"),
+    ("POST", r"/rooms/(?P<code>[^/]+)/tunnel/(?P<participant_id>[^/]+)/(?P<call_id>[^/]+)"
+             r"/accept", "route_tunnel_accept"),
     ("GET", r"/rooms/(?P<code>[^/]+)/v1/models", "route_models"),
     ("GET", r"/rooms/(?P<code>[^/]+)/v1/models/(?P<model_id>.+)", "route_model"),
     ("POST", r"/rooms/(?P<code>[^/]+)/v1/chat/completions", "route_chat_completions"),
@@ -1904,6 +2442,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self.hub = self.server.hub
         self.timeout = self.hub.client_timeout  # applied to the socket by setup()
         super().setup()
+        enable_keepalive(self.connection)
         self._linger = False
         self._head_sent = self._chunked = self._openai = False  # a 414 comes before
         self._body_read = True                                  # parse_request()
@@ -2021,55 +2560,76 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
                                 "or chunked" % printable(coding), "unsupported_encoding")
         return True
 
-    def _content_length(self):
+    def _declared_length(self):
+        """The Content-Length, or None; 400 unless it is plain digits."""
         raw = self.headers.get("Content-Length")
         if raw is None:
             return None
         try:
-            length = parse_decimal(raw)
+            return parse_decimal(raw)
         except ValueError:
             self.close_connection = True
             raise ApiError(400, "Invalid Content-Length header", "invalid_request")
-        if length > self.hub.max_body:
-            self.close_connection = self._linger = True
-            raise ApiError(413, "Request body is larger than the hub's limit of %d bytes"
-                           % self.hub.max_body, "request_too_large")
+
+    def _content_length(self):
+        """The Content-Length, or None; 413 when it is over --max-body."""
+        length = self._declared_length()
+        if length is not None and length > self.hub.max_body:
+            raise self._too_large()
         return length
+
+    def _too_large(self):
+        self.close_connection = self._linger = True
+        return ApiError(413, "Request body is larger than the hub's limit of %d bytes"
+                        % self.hub.max_body, "request_too_large")
 
     def read_body(self):
         """The whole request body (Content-Length or chunked), within --max-body."""
-        return b"".join(self._body_pieces())
+        return b"".join(self._body_pieces(self.hub.max_body))
 
-    def _body_pieces(self):
-        """The request body piece by piece as it arrives, within --max-body.
-
-        A client that stalls or hangs up mid-body is gone: ClientGone."""
+    def _body_pieces(self, limit):
+        """The request body piece by piece as it arrives (at most
+        RELAY_READ_BYTES each), counting the bytes really read: 413 past
+        ``limit`` (None: no limit, for streamed uploads). A client that stalls
+        or hangs up mid-body is gone: ClientGone."""
         self._body_read = True
         chunked = self._body_is_chunked()
-        left = None if chunked else self._content_length() or 0
-        total = 0
+        length = None if chunked else self._declared_length() or 0
+        if limit is not None and length is not None and length > limit:
+            raise self._too_large()
         try:
-            while left != 0:
-                size = self._next_chunk_size() if chunked else left
-                total += size
-                if total > self.hub.max_body:
-                    self.close_connection = self._linger = True
-                    raise ApiError(413, "Request body is larger than the hub's limit of %d "
-                                        "bytes" % self.hub.max_body, "request_too_large")
-                if size == 0:
-                    return
-                data = self.rfile.read(size) if chunked else self.rfile.read1(
-                    min(size, RELAY_READ_BYTES))
-                if not data or (chunked and len(data) < size):
-                    raise ClientGone()
-                if chunked:
-                    self.rfile.readline(3)
-                else:
-                    left -= len(data)
-                yield data
+            yield from self._chunked_pieces(limit) if chunked else self._sized_pieces(length)
         except OSError:  # timeout or reset
             self.close_connection = True
             raise ClientGone()
+
+    def _sized_pieces(self, length):
+        while length:
+            data = self.rfile.read1(min(length, RELAY_READ_BYTES))
+            if not data:
+                raise ClientGone()
+            length -= len(data)
+            yield data
+
+    def _chunked_pieces(self, limit):
+        total = 0
+        while True:
+            size = self._next_chunk_size()
+            total += size
+            if limit is not None and total > limit:
+                raise self._too_large()
+            if size == 0:
+                return
+            yield from self._sized_pieces(size)
+            end = self.rfile.readline(3)
+            if not end:
+                raise ClientGone()
+            if end not in (b"\r\n", b"\n"):
+                raise self._malformed_chunks()
+
+    def _malformed_chunks(self):
+        self.close_connection = True
+        return ApiError(400, "Malformed chunked request body", "invalid_request")
 
     def _next_chunk_size(self):
         """Read a chunk-size line (and the trailers after the last chunk)."""
@@ -2079,24 +2639,18 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         try:
             size = parse_hex(line.split(b";", 1)[0].strip())
         except ValueError:
-            self.close_connection = True
-            raise ApiError(400, "Malformed chunked request body", "invalid_request")
+            raise self._malformed_chunks()
         if size == 0:
             while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                 pass  # trailers
         return size
 
+    def read_json_body(self):
+        """The body as a JsonBody (400 unless it is a JSON object)."""
+        return JsonBody(self.read_body())
+
     def read_json_object(self):
-        data = self.read_body()
-        try:
-            body = json.loads(data.decode("utf-8"), parse_constant=_reject_json_constant)
-        except UnicodeDecodeError:
-            raise ApiError(400, "Request body is not UTF-8 text", "invalid_json")
-        except ValueError as exc:
-            raise ApiError(400, "Request body is not valid JSON (%s)" % exc, "invalid_json")
-        if not isinstance(body, dict):
-            raise ApiError(400, "Request body must be a JSON object", "invalid_json")
-        return body
+        return self.read_json_body().fields
 
     def _discard_unread_body(self):
         """Keep the connection usable when a route answered without the body."""
@@ -2172,6 +2726,12 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         head.extend(headers)
         self._write(self._head(status, head))
 
+    def start_sized(self, status, content_type, length):
+        """Send the head of an answer whose ``length`` bytes follow in pieces."""
+        self._chunked = False
+        self._write(self._head(status, [("Content-Length", str(length)),
+                                        ("Content-Type", content_type)]))
+
     def write_chunk(self, data):
         if self._chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
@@ -2226,9 +2786,11 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
                            "invalid_field")
         password = require_string(body, "password", required=False) or ""
         self.hub.registry.authorize(code, password.encode("utf-8"))
-        participant, room_id, secret = self.hub.registry.join(
+        participant, room_id, secret, replaced = self.hub.registry.join(
             code, fields, self._participant_secret(body))
         code = code.upper()
+        if replaced is not None:  # polls with the old secret end: the agent re-polls
+            self.hub.tunnels.retire(code, replaced)
         log.info("%s joined room %s serving %s", printable(participant["nickname"]), code,
                  printable(participant["model"]))
         self.hub.bus.publish(code, "participant:joined", participant)
@@ -2252,7 +2814,9 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def route_leave(self, code, participant_id):
         body = self.read_json_object() if not self._body_read else {}
-        self.hub.registry.leave(code, participant_id, self._participant_secret(body))
+        tunnel_key = self.hub.registry.leave(code, participant_id, self._participant_secret(body))
+        if tunnel_key is not None:
+            self.hub.tunnels.retire(code.upper(), tunnel_key)
         self.hub.bus.publish(code.upper(), "participant:left",
                              {"participantId": participant_id, "reason": "left"})
         self.send_json(200, {"success": True})
@@ -2299,8 +2863,11 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def route_tunnel_poll(self, code, participant_id):
         """A tunnelled participant's long poll: its next request as JSON
-        {requestId, path, body}, or 204 after ``?wait=`` seconds. A poll is
-        also a heartbeat."""
+        {requestId, path, via, accept, body}, or 204 after ``?wait=`` seconds.
+        A poll is also a heartbeat, and proof that the agent listens. With
+        ``?accept=1`` the agent promises to confirm each request it gets
+        (route_tunnel_accept): a request handed to a poll whose agent has
+        vanished then moves on to another participant within seconds."""
         query = urllib.parse.parse_qs(self.path.partition("?")[2])
         try:
             wait_s = min(max(float(query.get("wait", [TUNNEL_POLL_S])[0]), 0.0),
@@ -2308,57 +2875,112 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         except ValueError:
             raise ApiError(400, "Query parameter 'wait' must be a number of seconds",
                            "invalid_field")
+        confirm = query.get("accept") == ["1"]
         secret = self._participant_secret({})
         if self.command == "HEAD":  # a HEAD must not take work it cannot deliver
             self.hub.registry.check_secret(code, participant_id, secret)
             self.send_body(204, None, b"")
             return
-        if self.hub.registry.heartbeat(code, participant_id, secret):
+        came_back, key = self.hub.registry.poll_started(code, participant_id, secret, wait_s)
+        if came_back:
             self.hub.bus.publish(code.upper(), "participant:online",
                                  {"participantId": participant_id})
-        key = self.hub.registry.tunnel_key(code, participant_id)
-        call = self.hub.tunnels.next_job(code.upper(), key, wait_s)
+        call = self._wait_for_call(TunnelPoll((code.upper(), key)), wait_s, confirm)
+        if call is TunnelBroker.RETIRED:
+            raise ApiError(404, "Participant not found (it re-joined or left): join again",
+                           "participant_not_found")
         if call is None:
             self.send_body(204, None, b"")
             return
         try:
-            self.send_json(200, call.job())
+            self.send_body(200, "application/json", call.job(confirm))
         except ClientGone:
-            call.pieces.put(("error", "the participant's tunnel went away"))
+            call.end(("unreachable", "the agent's poll broke off"))
             raise
+
+    def _wait_for_call(self, poll, wait_s, confirm):
+        """The broker's next call for this poll, ending early if the agent
+        hangs up; the registry hears when the poll ends and how."""
+        participant_id = poll.line[1][0]
+        watch = self.hub.watcher.watch(self.connection, lambda: self.hub.tunnels.hang_up(poll))
+        try:
+            return self.hub.tunnels.next_call(poll, wait_s, confirm)
+        finally:
+            self.hub.watcher.unwatch(watch)
+            self.hub.registry.poll_ended(poll.line[0], participant_id, poll.line[1],
+                                         hung_up=poll.gone)
+
+    def _own_call(self, code, participant_id, call_id):
+        """The tunnelled call ``call_id``, if it was given to this participant
+        and the request carries that participant's secret (401/404 otherwise)."""
+        self.hub.registry.check_secret(code, participant_id, self._participant_secret({}))
+        call = self.hub.tunnels.call(call_id)
+        if call is None or call.code != code.upper() or call.participant_id != participant_id:
+            raise ApiError(404, "No request %s is waiting for this participant's answer"
+                           % call_id[:64], "unknown_request")
+        self.hub.registry.saw_agent(code, participant_id)
+        return call
+
+    def route_tunnel_accept(self, code, participant_id, call_id):
+        """An agent confirms it got a request and starts on it: 200, or 410
+        when nobody waits for it any more (the agent then drops it)."""
+        if not self._own_call(code, participant_id, call_id).accept():
+            raise ApiError(410, "Nobody waits for this request any more; drop it", "gone")
+        self.send_json(200, {"success": True})
 
     def route_tunnel_answer(self, code, participant_id, call_id):
         """The answer to a tunnelled request, uploaded as it comes (chunked):
         X-Gambiarra-Status and Content-Type of the participant's server, then
-        its body; or X-Gambiarra-Error when the server could not be reached."""
-        self.hub.registry.check_secret(code, participant_id, self._participant_secret({}))
-        call = self.hub.tunnels.call(call_id)
-        if call is None:
-            raise ApiError(404, "No request %s is waiting for an answer" % call_id,
-                           "unknown_request")
+        its body; or X-Gambiarra-Error when the server could not be reached.
+        Only the participant the request was given to may answer it; only
+        the status, the Content-Type and the body reach the client."""
+        call = self._own_call(code, participant_id, call_id)
         error = self.headers.get("X-Gambiarra-Error")
         if error is not None:
-            call.pieces.put(("error", printable(error)[:500]))
+            call.end(("unreachable", printable(error)[:500]))
             self.send_json(200, {"success": True})
             return
         try:
-            status = int(self.headers.get("X-Gambiarra-Status", "200"))
-        except ValueError:
-            raise ApiError(400, "X-Gambiarra-Status must be an HTTP status", "invalid_field")
-        length = None if self._body_is_chunked() else self._content_length() or 0
-        call.pieces.put(("head", status, self.headers.get("Content-Type"), length))
-        try:
-            for data in self._body_pieces():
-                if call.cancelled.is_set():
-                    self.close_connection = True
-                    raise ApiError(410, "The client went away; stop this answer",
-                                   "client_gone")
-                call.pieces.put(("data", data))
-        except ClientGone:
-            call.pieces.put(("error", "the participant's upload broke off"))
+            status, content_type = self._answer_head()
+        except ApiError as exc:
+            call.end(("invalid", exc.message))
             raise
-        call.pieces.put(("end",))
+        if not call.begin_upload():
+            self.close_connection = True
+            raise ApiError(410, "The client went away (or the request was answered); stop "
+                                "this answer", "client_gone")
+        try:
+            delivered = self._upload_to(call, status, content_type)
+        except Exception as exc:
+            detail = exc.message if isinstance(exc, ApiError) else "the connection broke"
+            call.end(("error", "its upload broke off: %s" % detail), keep=True)
+            raise
+        if not delivered:
+            self.close_connection = True
+            raise ApiError(410, "The client went away; stop this answer", "client_gone")
         self.send_json(200, {"success": True})
+
+    def _answer_head(self):
+        """(status, Content-Type) of an upload; 400 unless a final status and
+        a Content-Type that can go into a header line as it is."""
+        try:
+            status = parse_decimal(self.headers.get("X-Gambiarra-Status", "200"))
+            return status, checked_answer_head(status, self.headers.get("Content-Type"))
+        except (ValueError, BackendFailure):
+            raise ApiError(400, "X-Gambiarra-Status must be a final HTTP status (200 to 599) "
+                                "and Content-Type printable text", "invalid_field")
+
+    def _upload_to(self, call, status, content_type):
+        """Pass the upload's head and body to the waiting relay, piece by
+        piece; False when the relay stopped wanting them (client gone)."""
+        self.connection.settimeout(self.hub.backend_timeout)  # a model may pause that long
+        if not call.answer.put(("head", status, content_type)):
+            return False
+        for data in self._body_pieces(None):  # streamed on: no --max-body
+            if not call.answer.put(("data", data)):
+                return False
+        self.hub.registry.saw_agent(call.code, call.participant_id)
+        return call.answer.put(("end",))
 
     # -- routes: the OpenAI-compatible API --
 
@@ -2382,8 +3004,23 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
                        "model_not_found")
 
     def _relay(self, code, api_path):
-        self._authorize(code)  # 404 or 401 before reading a body for nothing
-        self.hub.relay.forward(self, code.upper(), api_path, self.read_json_object())
+        via = self._via()  # a loop, 404 or 401 before reading a body for nothing
+        self._authorize(code)
+        self.hub.relay.forward(self, code.upper(), api_path, self.read_json_body(), via)
+
+    def _via(self):
+        """The Via header to send on: the hops so far, then this hub. 508 when
+        the request already passed through this hub (a participant whose
+        endpoint leads back to it) or through too many hubs."""
+        hops = [hop.strip() for hop in self.headers.get("Via", "").split(",") if hop.strip()]
+        if any(hop.split()[1:2] == [self.hub.via_name] for hop in hops):
+            raise ApiError(508, "Loop detected: this request already passed through this hub. "
+                                "A participant's endpoint leads back to the hub; it must name "
+                                "its own LLM server", "loop_detected")
+        if len(hops) >= MAX_VIA_HOPS:
+            raise ApiError(508, "Loop detected: this request passed through %d hubs already"
+                           % len(hops), "loop_detected")
+        return ", ".join(hops + ["1.1 " + self.hub.via_name])
 
     def route_chat_completions(self, code):
         self._relay(code, "/v1/chat/completions")
@@ -2478,6 +3115,8 @@ class Hub:
         self.sse_keepalive = sse_keepalive
         self.client_timeout = client_timeout
         self.queue_timeout = queue_timeout
+        #: How this hub names itself in Via headers, to notice requests that loop.
+        self.via_name = "gambiarra-" + secrets.token_hex(6)
         self.registry = Registry(participant_timeout, forget_after, room_ttl)
         self.state = StateFile(state_path, self.registry.rooms_state) if state_path else None
         self.bus = EventBus()
@@ -2555,9 +3194,15 @@ class Hub:
         return "http://%s:%d" % (host, self.port)
 
     def sweep(self):
-        """One health sweep: publish what changed (outside the registry lock)
-        and close idle backend connections."""
-        for code, event, data in self.registry.sweep():
+        """One health sweep: end the requests of tunnelled participants that
+        went offline, publish what changed (outside the registry lock) and
+        close idle backend connections."""
+        events, lost = self.registry.sweep()
+        for code, tunnel_key, forgotten in lost:
+            self.tunnels.abandon(code, tunnel_key, ("gone", "its agent stopped answering"))
+            if forgotten:
+                self.tunnels.retire(code, tunnel_key)
+        for code, event, data in events:
             self.bus.publish(code, event, data)
             if event == "room:removed":
                 log.info("room %s removed after %g s without participants", code,
@@ -3818,6 +4463,9 @@ HUB_CALL_TIMEOUT_S = 10.0
 #: Retry delays of an agent that cannot reach its hub or room: doubled up to the max.
 AGENT_BACKOFF_MIN_S = 1.0
 AGENT_BACKOFF_MAX_S = 30.0
+#: A confirmed job's connection carries its answer if the answer starts sooner
+#: than this; later, the hub may be closing it as idle, so a new one is used.
+AGENT_REUSE_S = 30.0
 #: How long a stopping agent lets requests in flight finish before leaving.
 AGENT_DRAIN_S = 5.0
 #: Time nvidia-smi may take to describe the GPUs.
@@ -4309,11 +4957,11 @@ class Agent:
         try:
             if not self._register_poll(conn):
                 return None, True
-            conn.request("GET", self.hub.path("/rooms/%s/tunnel/%s?wait=%g" % (
+            conn.request("GET", self.hub.path("/rooms/%s/tunnel/%s?wait=%g&accept=1" % (
                 self.code, quote_segment(self.id), self.poll_wait_s)),
                 headers={"X-Gambiarra-Secret": secret or ""})
             response = conn.getresponse()
-            status, answer = response.status, _json_or_empty(response.read())
+            status, data = response.status, response.read()
         except (OSError, http.client.HTTPException) as exc:
             if not self._stopping.is_set():
                 self._hub_unreachable(exc)
@@ -4322,7 +4970,7 @@ class Agent:
             with self._lock:
                 self._polls.discard(conn)
             conn.close()
-        return self._poll_answer(status, answer, generation)
+        return self._poll_answer(status, data, generation)
 
     def _register_poll(self, conn):
         """Connect, and list the connection for stop() to abort; False when
@@ -4335,16 +4983,20 @@ class Agent:
             self._polls.add(conn)
         return True
 
-    def _poll_answer(self, status, answer, generation):
+    def _poll_answer(self, status, data, generation):
         self._recovered("hub", "the hub at %s answers again" % self.hub.url)
-        if status == 200 and "requestId" in answer:
-            return answer, True
+        if status == 200:
+            job = TunnelJob.parse(data)
+            if job is not None:
+                return job, True
+            self._trouble("job", "the hub sent a request this agent cannot read; skipped")
+            return None, True
         if status == 204:
             return None, True
         if status == 404:
             return None, self._rejoin(generation)
         self._trouble("poll", "the hub refused a tunnel poll (%d): %s"
-                      % (status, answer.get("error")))
+                      % (status, _json_or_empty(data).get("error")))
         return None, False
 
     def _serve(self, job):
@@ -4354,32 +5006,84 @@ class Agent:
         try:
             self._answer(job)
         except Exception:
-            log.exception("serving request %s failed", printable(job.get("requestId")))
+            log.exception("serving request %s failed", printable(job.id))
         finally:
             with self._lock:
                 self._in_flight -= 1
 
     def _answer(self, job):
+        """Confirm the job to the hub, then ask the local server and stream its
+        answer up. A job the hub no longer wants (its client left, or this
+        agent took too long: it was frozen, or its network was gone) is
+        dropped before the local server spends any time on it."""
+        upload = self._confirm(job) if job.confirm else None
+        if job.confirm and upload is None:
+            return
+        confirmed_at = time.monotonic()
         local = open_http(self.local, self.local_timeout_s)
         with self._lock:
             self._locals.add(local)
         try:
-            try:
-                local.request("POST", self.local.path + job["path"], body=json_bytes(job["body"]),
-                              headers={"Content-Type": "application/json"})
-                answer = local.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                self._local_failed(exc)
+            answer = self._ask_local(local, job) or self._local_answer(local)
+            if upload is not None and not still_usable(upload, confirmed_at):
+                upload.close()  # the hub closes idle connections: the answer takes a new one
+                upload = None
+            if isinstance(answer, Exception):
+                self._local_failed(answer)
                 self._upload_error(job, "the participant's server at %s failed: %s"
-                                   % (urllib.parse.urlunsplit(self.local), exc))
+                                   % (urllib.parse.urlunsplit(self.local), answer), upload)
                 return
             self._recovered("local", "the local server at %s answers again"
                             % urllib.parse.urlunsplit(self.local))
-            self._upload(job, answer)
+            self._upload(job, answer, upload)
         finally:
             with self._lock:
                 self._locals.discard(local)
             local.close()  # also after a 410: the local server stops generating
+            if upload is not None:
+                upload.close()
+
+    def _ask_local(self, local, job):
+        """Send the job to the local server: None, or the exception it raised."""
+        headers = {"Content-Type": "application/json"}
+        if job.via:
+            headers["Via"] = job.via  # so a local "server" that is a hub sees the loop
+        try:
+            local.request("POST", self.local.path + job.path, body=job.body, headers=headers)
+        except (OSError, http.client.HTTPException) as exc:
+            return exc
+        return None
+
+    @staticmethod
+    def _local_answer(local):
+        """The local server's answer (its head), or the exception it raised."""
+        try:
+            return local.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            return exc
+
+    def _confirm(self, job):
+        """Tell the hub this agent starts on the job, on a new connection that
+        then carries the answer; None when the hub no longer wants the job
+        (or cannot be reached)."""
+        secret, _ = self._credentials()
+        conn = None
+        try:
+            conn = self._upload_connection()
+            conn.request("POST", self._answer_path(job) + "/accept", body=b"",
+                         headers={"X-Gambiarra-Secret": secret or "", "Content-Length": "0"})
+            response = conn.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self._hub_unreachable(exc)
+            response = None
+        if response is not None and response.status == 200:
+            return conn
+        if response is not None:
+            log.debug("the hub no longer wants %s (%d)", printable(job.id), response.status)
+        if conn is not None:
+            conn.close()
+        return None
 
     def _local_failed(self, exc):
         self._trouble("local", "the local server at %s failed (%s); its requests fail until "
@@ -4387,7 +5091,7 @@ class Agent:
 
     def _answer_path(self, job):
         return self.hub.path("/rooms/%s/tunnel/%s/%s" % (
-            self.code, quote_segment(self.id), quote_segment(str(job["requestId"]))))
+            self.code, quote_segment(self.id), quote_segment(job.id)))
 
     def _upload_connection(self):
         conn = self.hub.connection(HUB_CALL_TIMEOUT_S)
@@ -4396,41 +5100,73 @@ class Agent:
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
-    def _upload(self, job, answer):
+    def _upload(self, job, answer, conn=None):
         """Stream the local answer to the hub piece by piece, as it arrives."""
         secret, _ = self._credentials()
         headers = {"X-Gambiarra-Secret": secret or "", "Transfer-Encoding": "chunked",
                    "X-Gambiarra-Status": str(answer.status),
                    "Content-Type": answer.getheader("Content-Type") or "application/json"}
-        self._send_upload(job, headers, _pieces_of(answer), encode_chunked=True)
+        self._send_upload(job, headers, _pieces_of(answer), conn, encode_chunked=True)
 
-    def _upload_error(self, job, message):
+    def _upload_error(self, job, message, conn=None):
         secret, _ = self._credentials()
         headers = {"X-Gambiarra-Secret": secret or "", "Content-Length": "0",
                    "X-Gambiarra-Error": message.encode("ascii", "replace").decode("ascii")}
-        self._send_upload(job, headers, b"")
+        self._send_upload(job, headers, b"", conn)
 
-    def _send_upload(self, job, headers, body, encode_chunked=False):
-        try:
-            conn = self._upload_connection()
-        except OSError as exc:
-            self._hub_unreachable(exc)
-            return
+    def _send_upload(self, job, headers, body, conn=None, encode_chunked=False):
+        """POST the answer on ``conn`` (the job's accept connection) or a new one."""
+        if conn is None:
+            try:
+                conn = self._upload_connection()
+            except OSError as exc:
+                self._hub_unreachable(exc)
+                return
         try:
             conn.request("POST", self._answer_path(job), body=body, headers=headers,
                          encode_chunked=encode_chunked)
             status = conn.getresponse().status
         except (OSError, http.client.HTTPException) as exc:
             # The hub closes the upload when the client went away (410).
-            log.debug("upload of %s ended early: %s", printable(job["requestId"]), exc)
+            log.debug("upload of %s ended early: %s", printable(job.id), exc)
             return
         finally:
             conn.close()
         if status == 410:
-            log.debug("the client of %s went away", printable(job["requestId"]))
+            log.debug("the client of %s went away", printable(job.id))
         elif status != 200:
-            log.debug("the hub answered %d to the upload of %s", status,
-                      printable(job["requestId"]))
+            log.debug("the hub answered %d to the upload of %s", status, printable(job.id))
+
+
+class TunnelJob:
+    """A request the hub handed to this agent through a poll."""
+
+    __slots__ = ("id", "path", "via", "confirm", "body")
+
+    def __init__(self, call_id, path, via, confirm, body):
+        self.id, self.path, self.via, self.confirm, self.body = call_id, path, via, confirm, body
+
+    @classmethod
+    def parse(cls, data):
+        """The job in a poll's answer, its body as the hub sent it; None if unreadable."""
+        try:
+            job = JsonBody(data)
+        except ApiError:
+            return None
+        fields, body = job.fields, job.raw_value("body")
+        call_id, path, via = fields.get("requestId"), fields.get("path"), fields.get("via")
+        if not isinstance(call_id, str) or not isinstance(path, str) or body is None:
+            return None
+        if not isinstance(via, str) or len(via) > 1024 or not _CONTENT_TYPE.match(via):
+            via = None
+        return cls(call_id, path, via, fields.get("accept") is True, body)
+
+
+def still_usable(conn, idle_since):
+    """Whether a kept-alive hub connection can carry the next request: open,
+    and idle for well under the hub's CLIENT_IDLE_TIMEOUT_S."""
+    return (conn.sock is not None and time.monotonic() - idle_since < AGENT_REUSE_S
+            and not has_pending_input(conn.sock))
 
 
 def _pieces_of(response):

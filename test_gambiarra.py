@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -84,10 +85,14 @@ class FakeBackendHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         backend = self.server.backend
         length = int(self.headers.get("Content-Length", 0))
-        body = json.loads(self.rfile.read(length) or b"{}")
+        raw = self.rfile.read(length)
+        body = json.loads(raw or b"{}")
         with backend.lock:
             backend.requests.append((self.path, body))
+            backend.raw_requests.append((raw, dict(self.headers)))
         fake = body.get("fake") or {}
+        if fake.get("sized"):
+            return self.sized_answer(fake)
         if fake.get("status"):
             return self.send_json(fake["status"], {"error": {"message": "fake failure",
                                                              "type": "fake", "code": None}})
@@ -142,6 +147,32 @@ class FakeBackendHandler(http.server.BaseHTTPRequestHandler):
             time.sleep(fake["pause_after_done"])
         self.write_chunk(b"")
 
+    def sized_answer(self, fake):
+        """A big answer with Content-Length: {"sized": bytes, "stall_mid": bool,
+        "cut": bytes sent before closing early}."""
+        size = fake["sized"]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        block = bytes(range(256)) * 256
+        sent, stalled = 0, False
+        limit = fake.get("cut", size)
+        while sent < limit:
+            if fake.get("stall_mid") and not stalled and sent >= size // 2:
+                stalled = True
+                if not self.stall():
+                    return
+            piece = block[:min(len(block), limit - sent)]
+            try:
+                self.wfile.write(piece)
+            except OSError:
+                return
+            sent += len(piece)
+        if limit < size:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def write_chunk(self, data):
         try:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -178,6 +209,7 @@ class FakeBackend:
     def __init__(self, models=("fake-model",)):
         self.models = list(models)
         self.requests = []
+        self.raw_requests = []  # (body bytes, headers) as received
         self.connections = 0  # TCP connections accepted
         self.lock = threading.Lock()
         self.release = threading.Event()
@@ -356,6 +388,7 @@ class EventStream:
 
 class FakeConnection:
     closed = False
+    sock = None
 
     def close(self):
         self.closed = True
@@ -814,6 +847,21 @@ class TestRelay(HubTestCase):
         self.assertTrue(wait_until(lambda: self.request(
             "GET", "/rooms/%s/participants" % self.code)[2]["participants"][0]["inFlight"] == 0))
 
+    def test_a_client_hanging_up_is_no_error_of_the_participant(self):
+        events = EventStream(self.port, self.code)
+        self.addCleanup(events.close)
+        conn, response = self.open_stream(self.chat_path, {
+            "model": "alice", "stream": True, "fake": {"chunks": 3, "stall_after": 1}})
+        response.read1(65536)
+        hang_up(conn, response)
+        name, data = events.next_event(skip=("connected", "llm:request"))
+        self.assertEqual(name, "llm:cancelled")
+        self.assertIn("client went away", data["reason"])
+        self.assertEqual(data["participantId"], "alice")
+        participant = self.hub.registry.participants_json(self.code)[0]
+        self.assertEqual((participant["metrics"]["requests"], participant["metrics"]["errors"]),
+                         (1, 0))
+
     def test_client_leaving_a_non_streaming_request_closes_the_backend(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
         conn.request("POST", self.chat_path, body=json.dumps(
@@ -1010,6 +1058,305 @@ class TestRelayTimeouts(HubTestCase):
         self.assertIsInstance(error["error"], str)
 
 
+# === Real sizes, lying backends, loops ===
+
+MIB = 1024 * 1024
+
+
+def big_chat_body(size, model="fake-model"):
+    """A chat body of exactly ``size`` bytes that re-encoding would change:
+    non-ASCII text, an emoji, spaces and a number spelt "1.0e2"."""
+    head = ('{ "model" : "%s",  "temperature": 1.0e2, "messages": [{"role": "user", '
+            '"content": "' % model).encode()
+    tail = '"}] }'.encode()
+    unit = "ção 😀 ".encode()
+    filler = size - len(head) - len(tail)
+    text = unit * (filler // len(unit)) + b"x" * (filler % len(unit))
+    return head + text + tail
+
+
+def send_in_segments(sock, data, segment=1448):
+    """Send like a real network does: many small segments."""
+    view = memoryview(data)
+    for start in range(0, len(data), segment):
+        sock.sendall(view[start:start + segment])
+
+
+def post_raw(port, path, body, chunked=False, segment=1448):
+    """POST ``body`` on a raw socket in small segments (Content-Length or
+    chunked framing); return (status, headers bytes, body bytes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % len(body)
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\n%s\r\n\r\n" % (path.encode(), framing))
+        if chunked:
+            pieces = [b"%x\r\n%s\r\n" % (len(body[i:i + segment]), body[i:i + segment])
+                      for i in range(0, len(body), segment)]
+            send_in_segments(sock, b"".join(pieces) + b"0\r\n\r\n", segment + 8)
+        else:
+            send_in_segments(sock, body, segment)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.msg, response.read()
+
+
+class TestRealSizes(HubTestCase):
+    """Regression: the body reader added the remaining Content-Length on every
+    read, so a 1.1 MB prompt got 413 and a 50 KB room name too."""
+
+    def test_long_prompts_reach_the_backend_byte_identical(self):
+        code = self.create_room()
+        fake = self.backend()
+        self.join(code, fake)
+        path = "/rooms/%s/v1/chat/completions" % code
+        for size in (1 * MIB, 2 * MIB, 8 * MIB, 30 * MIB):
+            body = big_chat_body(size)
+            for chunked in (False, True):
+                status, _, answer = post_raw(self.port, path, body, chunked=chunked)
+                self.assertEqual(status, 200, (size, chunked, answer[:200]))
+                with fake.lock:
+                    received = fake.raw_requests[-1][0]
+                self.assertEqual(len(received), len(body), (size, chunked))
+                self.assertTrue(received == body, (size, chunked))  # not assertEqual: 30 MiB
+
+    def test_only_the_model_is_rewritten(self):
+        code = self.create_room()
+        fake = self.backend()
+        self.join(code, fake, pid="alice")
+        body = big_chat_body(100000, model="alice")
+        status, _, _ = post_raw(self.port, "/rooms/%s/v1/chat/completions" % code, body)
+        self.assertEqual(status, 200)
+        expected = body.replace(b'"model" : "alice"', b'"model" : "fake-model"', 1)
+        self.assertTrue(fake.raw_requests[-1][0] == expected)
+
+
+class TestBodyLimitExactly(HubTestCase):
+    hub_options = {"max_body": 100000}
+
+    def body_of(self, size):
+        return b'{"name": "x"' + b" " * (size - 13) + b"}"
+
+    def test_the_limit_is_accepted_and_one_byte_more_refused(self):
+        for chunked in (False, True):
+            status, _, answer = post_raw(self.port, "/rooms", self.body_of(100000), chunked)
+            self.assertEqual(status, 201, (chunked, answer))
+            status, _, answer = post_raw(self.port, "/rooms", self.body_of(100001), chunked)
+            self.assertEqual(status, 413, chunked)
+            self.assertIn(b"100000 bytes", answer)
+
+    def test_a_50_kb_room_creation_is_read_whole(self):
+        name = "n" * 190
+        body = json.dumps({"name": name, "padding": "p" * 50000}).encode()
+        status, _, answer = post_raw(self.port, "/rooms", body)
+        self.assertEqual(status, 201, answer)
+        self.assertEqual(json.loads(answer)["room"]["name"], name)
+
+
+class TestBadJson(HubTestCase):
+    def test_deep_nesting_is_a_400_naming_the_problem(self):
+        code = self.create_room()
+        logs = CapturedLogs(self, logging.ERROR)
+        for path in ("/rooms", "/rooms/%s/v1/chat/completions" % code, "/rooms/%s/join" % code):
+            for deep in (b"[" * 100000 + b"]" * 100000,
+                         b'{"model": "x", "m": ' + b"[" * 100000 + b"]" * 100000 + b"}"):
+                status, _, answer = self.request("POST", path, raw=deep)
+                self.assertEqual(status, 400, (path, answer))
+                message = answer["error"] if path == "/rooms" or "/join" in path else \
+                    answer["error"]["message"]
+                self.assertIn("nested too deeply", message)
+        self.assertEqual(logs.at(logging.ERROR), [])
+
+
+class RawBackend:
+    """A backend that answers with bytes a test writes itself:
+    ``answer(request_body)`` returns the bytes to send for each request, or
+    a list of byte strings sent 50 ms apart (``answered`` counts requests
+    whose bytes were all sent)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.answered = threading.Semaphore(0)
+        self.listener = socket.create_server(("127.0.0.1", 0)) if hasattr(
+            socket, "create_server") else self._listen()
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.connections = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _listen():
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        return sock
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self.talk, args=(conn,), daemon=True).start()
+
+    def talk(self, conn):
+        reader = conn.makefile("rb")
+        try:
+            while True:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = reader.readline()
+                    if not line:
+                        return
+                    head += line
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                parts = self.answer(reader.read(length))
+                for number, part in enumerate([parts] if isinstance(parts, bytes) else parts):
+                    if number:
+                        time.sleep(0.05)  # the backend's own pace, not the test's
+                    conn.sendall(part)
+                self.answered.release()
+        except OSError:
+            return
+        finally:
+            reader.close()
+
+    def close(self):
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone would not
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+        self.thread.join(WAIT_S)
+
+
+def http_answer(body, status=b"200 OK", extra=b""):
+    return (b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (status, len(body), extra, body))
+
+
+class TestLyingBackends(HubTestCase):
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+
+    def raw_backend(self, answer):
+        backend = RawBackend(answer)
+        self.addCleanup(backend.close)
+        self.join(self.code, backend, pid="liar", model="m", endpoint=backend.url)
+        return backend
+
+    @staticmethod
+    def private_answer(body):
+        user = json.loads(body)["user"]
+        return json.dumps({"choices": [{"message": {"content": "for %s only" % user}}]}).encode()
+
+    def test_interim_answers_are_skipped_and_never_reach_the_next_user(self):
+        for interim in (b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n",
+                        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"):
+            self.raw_backend(lambda body: interim + http_answer(self.private_answer(body)))
+            for user in ("user-1", "user-2", "user-3"):
+                status, _, answer = self.chat(self.code, "liar", user=user)
+                self.assertEqual(status, 200, answer)
+                self.assertEqual(answer["choices"][0]["message"]["content"], "for %s only" % user)
+            self.request("DELETE", "/rooms/%s/leave/liar" % self.code,
+                         headers=self.secret_header(self.code, "liar"))
+
+    def test_unsolicited_bytes_on_a_pooled_connection_are_never_an_answer(self):
+        leak = http_answer(b'{"leaked": "someone else\'s answer"}')
+        backend = self.raw_backend(lambda body: [http_answer(self.private_answer(body)), leak])
+        for user in ("user-1", "user-2", "user-3"):
+            status, _, answer = self.chat(self.code, "liar", user=user)
+            self.assertEqual((status, answer.get("choices", [{}])[0].get("message")),
+                             (200, {"content": "for %s only" % user}))
+            self.assertTrue(backend.answered.acquire(timeout=WAIT_S))  # the leak is out too
+
+    def test_broken_answer_heads_are_a_502_before_any_byte(self):
+        cases = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+                 b"HTTP/1.1 103 Early Hints\r\n\r\n" * 20,
+                 http_answer(b"{}", status=b"700 Odd"),
+                 b"HTTP/1.1 200 OK\r\nContent-Type: text/html\x1b]0;pwned\x07\r\n"
+                 b"Set-Cookie: a=b\r\nContent-Length: 2\r\n\r\n{}")
+        for raw in cases:
+            self.raw_backend(lambda body: raw)
+            status, response, answer = self.chat(self.code, "liar", user="u")
+            self.assertEqual((status, answer["error"]["code"]), (502, "backend_invalid_answer"),
+                             raw[:40])
+            self.assertIsNone(response.getheader("Set-Cookie"))
+            self.request("DELETE", "/rooms/%s/leave/liar" % self.code,
+                         headers=self.secret_header(self.code, "liar"))
+
+
+class TestBigAnswers(HubTestCase):
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.fake = self.backend()
+        self.join(self.code, self.fake)
+        self.path = "/rooms/%s/v1/chat/completions" % self.code
+
+    def test_a_sized_answer_is_relayed_as_it_arrives(self):
+        size = 8 * MIB
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3)
+        self.addCleanup(conn.close)
+        conn.request("POST", self.path, body=json.dumps(
+            {"model": "alice", "fake": {"sized": size, "stall_mid": True}}).encode())
+        response = conn.getresponse()  # the backend holds back its second half (for 10 s)
+        self.assertEqual((response.status, response.getheader("Content-Length")),
+                         (200, str(size)))
+        first = response.read(size // 4)  # so this comes from a hub that does not buffer
+        self.fake.release.set()
+        data = first + response.read()
+        self.assertEqual(data, (bytes(range(256)) * 256) * (size // 65536))
+        self.assertEqual(self.chat(self.code, "alice")[0], 200)
+        self.assertEqual(self.fake.connections, 1)  # read to its end, so pooled and reused
+
+    def test_a_sized_answer_cut_short_is_short_for_the_client_and_an_error(self):
+        events = EventStream(self.port, self.code)
+        self.addCleanup(events.close)
+        conn, response = self.open_stream(self.path, {
+            "model": "alice", "fake": {"sized": 4 * MIB, "cut": MIB}})
+        self.assertEqual(response.status, 200)
+        with self.assertRaises(http.client.IncompleteRead):
+            response.read()
+        _, error = events.next_event(skip=("connected", "llm:request"))
+        self.assertIn("broke off", error["error"])
+        self.assertEqual(self.chat(self.code, "alice")[0], 200)  # not on the broken connection
+
+
+class TestLoops(HubTestCase):
+    def test_an_endpoint_leading_back_to_the_hub_is_a_508(self):
+        code = self.create_room()
+        self.join(code, self.backend(), pid="loop", model="m",
+                  endpoint="http://127.0.0.1:%d/rooms/%s" % (self.port, code))
+        events = EventStream(self.port, code)
+        self.addCleanup(events.close)
+        threads = threading.active_count()
+        status, _, answer = self.chat(code, "loop")
+        self.assertEqual(status, 508)
+        self.assertEqual(set(answer["error"]), {"message", "type", "code"})
+        self.assertEqual(answer["error"]["code"], "loop_detected")
+        requests = [events.next_event(skip=("connected",))[0]]
+        requests.append(events.next_event(skip=("connected",))[0])
+        self.assertEqual(requests, ["llm:request", "llm:complete"])  # once, not recursively
+        self.assertTrue(wait_until(lambda: threading.active_count() <= threads + 1))
+
+    def test_a_request_that_passed_too_many_hubs_is_a_508(self):
+        code = self.create_room()
+        via = ", ".join("1.1 hub-%d" % i for i in range(gambiarra.MAX_VIA_HOPS))
+        status, _, answer = self.request("POST", "/rooms/%s/v1/chat/completions" % code,
+                                         {"model": "*"}, headers={"Via": via})
+        self.assertEqual((status, answer["error"]["code"]), (508, "loop_detected"))
+
+    def test_the_backend_is_told_the_way_the_request_came(self):
+        code = self.create_room()
+        fake = self.backend()
+        self.join(code, fake)
+        self.assertEqual(self.request("POST", "/rooms/%s/v1/chat/completions" % code,
+                                      {"model": "alice"}, headers={"Via": "1.1 proxy"})[0], 200)
+        self.assertEqual(fake.raw_requests[-1][1]["Via"], "1.1 proxy, 1.1 " + self.hub.via_name)
+
+
 class TestRouting(HubTestCase):
     def setUp(self):
         super().setUp()
@@ -1203,10 +1550,20 @@ class TestTunnel(HubTestCase):
         status, _, answer = self.chat(self.code, "alice")
         self.assertEqual((status, answer["error"]["code"]), (502, "backend_unreachable"))
 
-    def test_no_agent_means_a_timeout(self):
-        self.hub.relay.backend_timeout = 0.3
+    def test_no_agent_means_unreachable_within_the_connect_timeout(self):
+        self.hub.relay.connect_timeout = 0.3  # the backend timeout (5 s) is not what counts
+        started = time.monotonic()
         status, _, answer = self.chat(self.code, "alice")
+        self.assertEqual((status, answer["error"]["code"]), (502, "backend_unreachable"))
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual(self.hub.tunnels._calls, {})  # withdrawn, not left queued
+
+    def test_an_agent_that_took_the_request_has_the_backend_timeout(self):
+        self.hub.relay.backend_timeout = 0.3
+        self.agent()
+        status, _, answer = self.chat(self.code, "alice", fake={"stall_before": True})
         self.assertEqual((status, answer["error"]["code"]), (504, "backend_timeout"))
+        self.fake.release.set()  # the agent's late answer then finds nobody (410)
 
     def test_polls_need_the_secret_and_a_tunnelled_participant(self):
         path = "/rooms/%s/tunnel/alice?wait=0" % self.code
@@ -1220,6 +1577,197 @@ class TestTunnel(HubTestCase):
         self.assertEqual(self.request("POST", "/rooms/%s/tunnel/alice/nope" % self.code,
                                       {}, headers=self.secret_header(self.code, "alice"))[0],
                          404)
+
+
+class TestTunnelUploads(HubTestCase):
+    """What an agent uploads is checked: only the participant the request was
+    given to may answer, only a final status, a clean Content-Type and the
+    body reach the client, and a broken upload ends the answer at once."""
+
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.fake = self.backend()
+        for pid in ("alice", "bob"):
+            self.join(self.code, self.fake, pid=pid, transport="tunnel",
+                      endpoint="http://127.0.0.1:%d" % free_port())
+        self.path = "/rooms/%s/v1/chat/completions" % self.code
+
+    def ask(self, model="alice"):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        conn.request("POST", self.path, body=json.dumps({"model": model, "stream": True}),
+                     headers={"Content-Type": "application/json"})
+        return conn
+
+    def take_job(self, pid="alice"):
+        status, _, job = self.request("GET", "/rooms/%s/tunnel/%s?wait=5" % (self.code, pid),
+                                      headers=self.secret_header(self.code, pid))
+        self.assertEqual(status, 200)
+        return job
+
+    def upload(self, job, pid="alice", headers=(), body=b"data: {}\n\ndata: [DONE]\n\n",
+               as_pid=None):
+        """Upload an answer as ``as_pid`` (default: ``pid``) to ``pid``'s URL."""
+        secret = self.secrets[self.code, as_pid or pid]
+        sent = dict({"X-Gambiarra-Secret": secret, "X-Gambiarra-Status": "200",
+                     "Content-Type": "text/event-stream"}, **dict(headers))
+        return self.request("POST", "/rooms/%s/tunnel/%s/%s" % (self.code, pid, job["requestId"]),
+                            raw=body, headers=sent)
+
+    def test_only_a_final_status_and_a_clean_content_type_pass(self):
+        for headers in ({"X-Gambiarra-Status": "103"}, {"X-Gambiarra-Status": "999"},
+                        {"X-Gambiarra-Status": "abc"}, {"X-Gambiarra-Status": "-200"},
+                        {"Content-Type": "text/html\x1b]0;pwned\x07"}):
+            conn = self.ask()
+            job = self.take_job()
+            self.assertEqual(self.upload(job, headers=headers)[0], 400, headers)
+            response = conn.getresponse()
+            answer = json.loads(response.read())
+            self.assertEqual((response.status, answer["error"]["code"]),
+                             (502, "backend_invalid_answer"), headers)
+
+    def test_nothing_else_from_the_uploader_reaches_the_client(self):
+        conn = self.ask()
+        job = self.take_job()
+        status, _, _ = self.upload(job, headers={"Set-Cookie": "session=evil",
+                                                 "Location": "http://evil.example/",
+                                                 "X-Evil": "1", "Content-Type": "text/plain"})
+        self.assertEqual(status, 200)
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/plain")
+        for name in ("Set-Cookie", "Location", "X-Evil"):
+            self.assertIsNone(response.getheader(name), name)
+        self.assertIn(b"[DONE]", response.read())
+
+    def test_a_malformed_chunked_upload_ends_the_answer_at_once(self):
+        conn = self.ask()
+        job = self.take_job()
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
+            sock.sendall(b"POST /rooms/%s/tunnel/alice/%s HTTP/1.1\r\nHost: x\r\n"
+                         b"X-Gambiarra-Secret: %s\r\nX-Gambiarra-Status: 200\r\n"
+                         b"Content-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"a\r\ndata: {}\n\n\r\nzz-not-hex\r\n" % (
+                             self.code.encode(), job["requestId"].encode(),
+                             self.secrets[self.code, "alice"].encode()))
+            self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 400"))
+        response = conn.getresponse()
+        events = sse_events(response.read())
+        self.assertEqual(json.loads(events[-1][1])["error"]["code"], "backend_disconnected")
+        self.assertLess(time.monotonic() - started, 2)  # not the backend timeout (5 s)
+
+    def test_only_the_participant_given_the_request_may_answer_it(self):
+        conn = self.ask()
+        job = self.take_job()
+        self.assertEqual(self.upload(job, pid="bob")[0], 404)  # bob's own id and secret
+        self.assertEqual(self.upload(job, as_pid="bob")[0], 401)  # alice's id, bob's secret
+        self.assertEqual(self.request("POST", "/rooms/%s/tunnel/bob/%s/accept" % (
+            self.code, job["requestId"]), raw=b"", headers=self.secret_header(
+                self.code, "bob"))[0], 404)
+        self.assertEqual(self.upload(job)[0], 200)
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertIn(b"[DONE]", response.read())
+
+    def test_an_accepted_request_is_withdrawn_only_if_not_accepted_in_time(self):
+        self.hub.relay.connect_timeout = 0.3
+        conn = self.ask()
+        status, _, job = self.request("GET", "/rooms/%s/tunnel/alice?wait=5&accept=1"
+                                      % self.code, headers=self.secret_header(self.code, "alice"))
+        self.assertIs(job["accept"], True)
+        response = conn.getresponse()  # nobody confirmed: unreachable, quickly
+        self.assertEqual((response.status, json.loads(response.read())["error"]["code"]),
+                         (502, "backend_unreachable"))
+        accept = "/rooms/%s/tunnel/alice/%s/accept" % (self.code, job["requestId"])
+        self.assertIn(self.request("POST", accept, raw=b"", headers=self.secret_header(
+            self.code, "alice"))[0], (404, 410))  # the agent drops it
+        conn = self.ask()
+        job = self.request("GET", "/rooms/%s/tunnel/alice?wait=5&accept=1" % self.code,
+                           headers=self.secret_header(self.code, "alice"))[2]
+        self.assertEqual(self.request("POST", "/rooms/%s/tunnel/alice/%s/accept" % (
+            self.code, job["requestId"]), raw=b"", headers=self.secret_header(
+                self.code, "alice"))[0], 200)
+        time.sleep(0.5)  # past the connect timeout: an accepted request is not withdrawn
+        self.assertEqual(self.upload(job)[0], 200)
+        self.assertEqual(conn.getresponse().status, 200)
+
+    def test_a_slow_client_holds_back_the_upload_not_the_hubs_memory(self):
+        agent = FakeAgent(self.port, self.code, "alice", self.secrets[self.code, "alice"],
+                          self.fake.url, workers=1)
+        self.addCleanup(agent.close)
+        size = 16 * MIB
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        conn.sock = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S)
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        conn.request("POST", self.path, body=json.dumps(
+            {"model": "alice", "fake": {"sized": size}}).encode())
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        calls = self.hub.tunnels._calls
+        self.assertTrue(wait_until(lambda: calls and len(
+            list(calls.values())[0].answer._pieces) == gambiarra.TUNNEL_PIECES))
+        self.assertEqual(len(list(calls.values())[0].answer._pieces), gambiarra.TUNNEL_PIECES)
+        data = response.read()
+        self.assertEqual(len(data), size)
+        self.assertTrue(data == (bytes(range(256)) * 256) * (size // 65536))
+
+
+class TestTunnelFailover(HubTestCase):
+    hub_options = {"connect_timeout": 0.3}
+
+    def test_a_request_no_agent_takes_moves_on_to_another_participant(self):
+        code = self.create_room()
+        fake = self.backend()
+        self.join(code, fake, pid="ghost", transport="tunnel",
+                  endpoint="http://127.0.0.1:%d" % free_port())  # no agent ever polls
+        self.join(code, fake, pid="alice")
+        for _ in range(6):
+            started = time.monotonic()
+            status, _, answer = self.chat(code, "fake-model")
+            self.assertEqual(status, 200, answer)
+            self.assertLess(time.monotonic() - started, 2)
+        ghost = [p for p in self.hub.registry.participants_json(code) if p["id"] == "ghost"][0]
+        self.assertLessEqual(ghost["metrics"]["errors"], 1)  # then picked last
+
+    def test_a_tunnelled_participant_whose_agent_hung_up_is_not_routed_to(self):
+        code = self.create_room()
+        fake = self.backend()
+        self.join(code, fake, pid="ghost", transport="tunnel",
+                  endpoint="http://127.0.0.1:%d" % free_port())
+        poll = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        poll.request("GET", "/rooms/%s/tunnel/ghost?wait=30" % code,
+                     headers=self.secret_header(code, "ghost"))
+        self.assertTrue(wait_until(lambda: self.hub.registry._rooms[code].participants[
+            "ghost"].polls == 1))
+        hang_up(poll)  # like a killed agent: the kernel closes its connections
+        self.assertTrue(wait_until(lambda: self.hub.registry._rooms[code].participants[
+            "ghost"].polls == 0))
+        status, _, answer = self.chat(code, "ghost")
+        self.assertEqual((status, answer["error"]["code"]), (503, "participant_offline"))
+        self.assertIn("stopped polling", answer["error"]["message"])
+
+
+class TestStrandedRequests(HubTestCase):
+    hub_options = {"health_interval": 0.05, "participant_timeout": 0.3, "queue_timeout": 30}
+
+    def test_requests_queued_for_a_participant_that_goes_offline_are_answered_at_once(self):
+        code = self.create_room()
+        fake = self.backend()
+        self.join(code, fake, maxConcurrent=1)
+        busy = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(busy.close)
+        busy.request("POST", "/rooms/%s/v1/chat/completions" % code, body=json.dumps(
+            {"model": "alice", "fake": {"stall_before": True}}).encode())
+        self.assertTrue(wait_until(lambda: fake.requests))
+        started = time.monotonic()
+        status, _, answer = self.chat(code, "alice")  # queued, then alice misses heartbeats
+        self.assertEqual((status, answer["error"]["code"]), (503, "participant_offline"))
+        self.assertLess(time.monotonic() - started, 5)  # not the queue timeout (30 s)
+        fake.release.set()
+        self.assertEqual(busy.getresponse().status, 200)  # a direct server may still answer
 
 
 # === Protected rooms and participant secrets ===
@@ -3054,6 +3602,79 @@ class TestJoinProcess(HubTestCase):
             self.assertEqual(self.hub.registry.participants_json(code), [])
 
 
+class TestVanishingAgents(HubTestCase):
+    """A ``join`` process that dies or freezes mid-request, as laptops do."""
+
+    hub_options = {"health_interval": 0.2, "participant_timeout": 0.6, "forget_after": 0.5,
+                   "connect_timeout": 1, "backend_timeout": 30}
+
+    def start_join(self, code, pid, backend):
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "gambiarra.py"), "join", code, "--hub",
+             self.hub.url, "--endpoint", backend.url, "--id", pid, "--no-specs",
+             "--max-concurrent", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, universal_newlines=True)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.wait, WAIT_S)
+        self.addCleanup(process.kill)
+        self.addCleanup(os.kill, process.pid, signal.SIGCONT)  # if a test stopped it
+        self.assertTrue(wait_until(lambda: self.polling(code, pid)), process.poll())
+        return process
+
+    def polling(self, code, pid):
+        participant = self.hub.registry._rooms[code].participants.get(pid)
+        return participant is not None and getattr(participant, "polls", 1) > 0
+
+    def ask(self, code, model, tag, **fake):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/rooms/%s/v1/chat/completions" % code, body=json.dumps(
+            {"model": model, "tag": tag, "fake": fake}).encode(),
+            headers={"Content-Type": "application/json"})
+        return conn
+
+    def test_kill_9_mid_request_fails_over_at_once_and_routes_around_it(self):
+        code = self.create_room()
+        slow, other = self.backend(), self.backend()
+        other.release.set()  # the desktop's server answers at once, even when asked to stall
+        process = self.start_join(code, "laptop", slow)
+        waiting = self.ask(code, "fake-model", "in-flight", stall_before=True)
+        self.assertTrue(wait_until(lambda: slow.requests))  # the laptop's server works on it
+        desktop = gambiarra.Agent(self.hub.url, code, {
+            "id": "desktop", "nickname": "Desktop", "model": "fake-model", "endpoint": other.url,
+            "transport": "direct"}, other.url, **AGENT_TIMINGS)
+        self.addCleanup(desktop.close)
+        desktop.start()  # it heartbeats: online all along
+        process.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        status, _, answer = self.chat(code, "fake-model", tag="after")
+        self.assertEqual(status, 200, answer)  # not routed to the dead laptop
+        self.assertLess(time.monotonic() - killed, 1)
+        response = waiting.getresponse()  # answered by the desktop once the laptop is offline
+        self.assertEqual(response.status, 200, response.read())
+        self.assertLess(time.monotonic() - killed, 5)  # not the backend timeout (30 s)
+        self.assertEqual([body["tag"] for _, body in other.requests], ["after", "in-flight"])
+
+    def test_a_frozen_agent_is_forgotten_then_serves_again_when_it_wakes(self):
+        code = self.create_room()
+        fake = self.backend()
+        process = self.start_join(code, "laptop", fake)
+        self.assertEqual(self.chat(code, "laptop")[0], 200)
+        process.send_signal(signal.SIGSTOP)  # lid closed
+        frozen = time.monotonic()
+        status, _, answer = self.chat(code, "laptop", tag="while-frozen")
+        self.assertIn(status, (502, 503), answer)
+        self.assertLess(time.monotonic() - frozen, 5)
+        self.assertTrue(wait_until(lambda: not self.hub.registry.participants_json(code)))
+        process.send_signal(signal.SIGCONT)  # lid opened: it re-joins with a new secret
+        woke = time.monotonic()
+        self.assertTrue(wait_until(lambda: self.chat(code, "laptop", tag="after")[0] == 200,
+                                   timeout=8, interval=0.1))
+        self.assertLess(time.monotonic() - woke, 8)
+        tags = [body.get("tag") for _, body in fake.requests]
+        self.assertNotIn("while-frozen", tags)  # a stale job is dropped, not run for nobody
+
+
 # === Benchmark (python3 test_gambiarra.py bench) ===
 #
 # Not a test: it measures, it asserts nothing about speed. The hub and a fast
@@ -3061,7 +3682,6 @@ class TestJoinProcess(HubTestCase):
 # Every figure is compared with calling the backend directly in the same run.
 
 import asyncio  # noqa: E402 (only the benchmark needs these)
-import re  # noqa: E402
 import statistics  # noqa: E402
 
 BENCH_RESPONSE = json.dumps({

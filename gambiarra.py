@@ -4500,6 +4500,27 @@ Finds hubs started with 'serve --mdns'. Exits 1 when none answers.
 """
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line instead of the usage
+    block: the mistake, then where the help is. Subcommands inherit the class
+    (add_subparsers passes type(self) as parser_class, 3.8 included)."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see: python3 %s --help)\n" % (self.prog, message, self.prog))
+
+
+def port_number(text):
+    """A TCP port for argparse: 0 (any free port) to 65535, so a typo is a
+    usage error instead of a traceback from bind()."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be 0 to 65535, not %r" % text)
+    return value
+
+
 def positive_int(text):
     value = int(text)
     if value <= 0:
@@ -4521,7 +4542,7 @@ def add_command(commands, name, **options):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="gambiarra.py",
         description="Pool the local LLMs of everyone on the network into rooms, "
                     "behind one OpenAI-compatible hub.",
@@ -4534,7 +4555,7 @@ def build_parser():
         description="Run a hub that rooms, participants and OpenAI clients connect to.")
     serve.add_argument("--host", default=DEFAULT_HOST,
                        help="address to listen on (default: %(default)s, every interface)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+    serve.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                        help="TCP port (default: %(default)s; 0 picks a free one)")
     serve.add_argument("--quiet", action="store_true", help="print warnings and errors only")
     serve.add_argument("--log-level", default="info",

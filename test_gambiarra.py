@@ -2488,6 +2488,22 @@ class TestCli(unittest.TestCase):
         self.assertEqual(self.run_main("serve", "--port", "nope")[0], 2)
         self.assertEqual(self.run_main("serve", "--health-interval", "0")[0], 2)
 
+    def test_a_port_out_of_range_is_a_one_line_usage_error(self):
+        for port in ("99999", "-1", "65536", "nope"):
+            status, out, err = self.run_main("serve", "--port", port, "--state", "")
+            self.assertEqual((status, out), (2, ""), err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn("--port: must be 0 to 65535", err)
+            self.assertIn("gambiarra.py serve --help", err)
+        self.assertEqual([gambiarra.port_number(p) for p in ("0", "65535")], [0, 65535])
+
+    def test_usage_errors_are_one_line(self):
+        for argv in ((), ("nope",), ("chat", "XK7P2M"), ("join", "--hub", "http://h:1")):
+            status, out, err = self.run_main(*argv)
+            self.assertEqual((status, out), (2, ""), err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn("--help", err)
+
     def test_a_stop_signal_never_deadlocks_the_wait_for_it(self):
         # The handler must not set the event itself: the main thread may be inside
         # stop.wait(), holding the event's lock (a hang of serve seen on CPython 3.12).

@@ -592,32 +592,45 @@ class Registry:
         with self._lock:
             return [room.to_state() for room in self._rooms.values()]
 
-    def authorize(self, code, password_bytes):
-        """Raise 401 unless the room is open or ``password_bytes`` is its password.
+    def authorize(self, code, *password_forms):
+        """Raise 401 unless the room is open or one of ``password_forms`` is its
+        password: the UTF-8 bytes of the password offered, read in each way the
+        client may have encoded it (see bearer_password_forms). No form at all
+        means no password was sent.
 
-        The slow hash runs outside the lock, and each password checked is
-        remembered as a keyed digest so the next request costs a HMAC."""
+        The slow hash runs outside the lock, and each form checked is remembered
+        as a keyed digest so the next request with it costs a HMAC."""
         with self._lock:
             room = self._room(code)
             stored = room.password_hash
             if stored is None:
                 return
-            key = password_bytes and hmac.new(self._cache_key, password_bytes,
-                                              hashlib.sha256).digest()
-            known = room.checked_passwords.get(key)
-        if password_bytes is None:
+            verdicts = [(form, room.checked_passwords.get(self._digest(form)))
+                        for form in password_forms]
+        if not password_forms:
             raise ApiError(401, "This room needs its password: send it as 'Authorization: "
                                 "Bearer PASSWORD' (the API key of OpenAI clients)",
                            "missing_password", headers=[("WWW-Authenticate", "Bearer")])
-        if known is None:
-            known = password_matches(password_bytes, stored)
-            with self._lock:
-                if len(room.checked_passwords) >= PASSWORD_CACHE_ENTRIES:
-                    room.checked_passwords.clear()
-                room.checked_passwords[key] = known
-        if not known:
-            raise ApiError(401, "Invalid password", "invalid_password",
-                           headers=[("WWW-Authenticate", "Bearer")])
+        if any(known for _, known in verdicts):
+            return
+        for form, known in verdicts:
+            if known is None and self._check_password(room, stored, form):
+                return
+        raise ApiError(401, "Invalid password", "invalid_password",
+                       headers=[("WWW-Authenticate", "Bearer")])
+
+    def _digest(self, password_bytes):
+        """The key of a checked password in a room's cache (never the password)."""
+        return hmac.new(self._cache_key, password_bytes, hashlib.sha256).digest()
+
+    def _check_password(self, room, stored, password_bytes):
+        """The slow hash, called without the lock; its verdict is remembered."""
+        matches = password_matches(password_bytes, stored)
+        with self._lock:
+            if len(room.checked_passwords) >= PASSWORD_CACHE_ENTRIES:
+                room.checked_passwords.clear()
+            room.checked_passwords[self._digest(password_bytes)] = matches
+        return matches
 
     def _unused_code(self):
         while True:
@@ -1886,6 +1899,18 @@ def read_headers(rfile):
     raise ValueError("Too many headers")
 
 
+def bearer_password_forms(token):
+    """The UTF-8 bytes a Bearer password may stand for. Clients disagree on how
+    to send a non-ASCII header: curl from a UTF-8 terminal sends UTF-8 bytes;
+    http.client, requests and browsers' fetch send Latin-1, one byte per
+    character. read_headers decoded the bytes as ISO-8859-1, so encoding back
+    recovers the bytes sent (the UTF-8 reading), and encoding as UTF-8 gives
+    the Latin-1 reading. Both are tried; for ASCII they are the same."""
+    sent = token.encode("latin-1")
+    as_latin1 = token.encode("utf-8")
+    return (sent,) if as_latin1 == sent else (sent, as_latin1)
+
+
 class HubRequestHandler(http.server.BaseHTTPRequestHandler):
     """One client connection: parses requests, dispatches through ROUTER,
     writes JSON, bodies and chunked streams.
@@ -2245,10 +2270,10 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _authorize(self, code):
         """404 for an unknown room; 401 unless it is open or the request carries
-        its password as 'Authorization: Bearer PASSWORD'."""
+        its password as 'Authorization: Bearer PASSWORD', in UTF-8 or Latin-1."""
         scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
-        password = token.strip().encode("latin-1") if scheme.lower() == "bearer" else None
-        self.hub.registry.authorize(code, password)
+        forms = bearer_password_forms(token.strip()) if scheme.lower() == "bearer" else ()
+        self.hub.registry.authorize(code, *forms)
 
     def route_leave(self, code, participant_id):
         body = self.read_json_object() if not self._body_read else {}

@@ -1288,6 +1288,35 @@ class TestProtectedRooms(HubTestCase):
         self.addCleanup(response.close)
         self.assertEqual(response.status, 200)
 
+    def test_a_non_ascii_password_is_accepted_in_utf8_and_in_latin1(self):
+        # curl sends the header's UTF-8 bytes; http.client, requests and fetch send
+        # a str as Latin-1. The wrong password stays wrong either way.
+        self.join_protected()
+        wrong = PASSWORD.replace("toi", "moi")
+        encodings = {"utf-8": lambda p: bearer(p),
+                     "latin-1": lambda p: {"Authorization": "Bearer " + p}}
+        checks = unittest.mock.patch.object(gambiarra, "password_matches",
+                                            wraps=gambiarra.password_matches)
+        hashes = []
+        with checks as password_matches:
+            for _ in range(2):
+                for name, header in encodings.items():
+                    for password, expected in ((PASSWORD, 200), (wrong, 401)):
+                        for method, path, body in self.protected_routes():
+                            status, _, answer = self.request(method, path, body,
+                                                             headers=header(password))
+                            self.assertEqual(status, expected, (name, password, path, answer))
+                hashes.append(password_matches.call_count - sum(hashes))
+        # The right password was hashed at join. The wrong one has three forms (its
+        # UTF-8 and Latin-1 bytes, and its UTF-8 bytes read as Latin-1), each hashed
+        # once; the second round comes from the cache.
+        self.assertEqual(hashes, [3, 0])
+
+    def protected_routes(self):
+        return (("GET", "/rooms/%s/participants" % self.code, None),
+                ("GET", "/rooms/%s/v1/models" % self.code, None),
+                ("POST", "/rooms/%s/v1/chat/completions" % self.code, {"model": "alice"}))
+
     def test_health_and_leave_need_the_participants_own_secret(self):
         self.join_protected("alice")
         self.join_protected("bob")

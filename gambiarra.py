@@ -5007,21 +5007,22 @@ def room_lines(room):
 
 # --- chat: the quickest check that a room answers ---
 
+#: Longest silence of the hub during a chat answer: as long as the hub waits
+#: for a participant's server, which may be loading its model from disk.
+CHAT_TIMEOUT_S = DEFAULT_BACKEND_TIMEOUT_S
+#: What to do about an answer that broke off (the end of its error line).
+CHAT_ASK_AGAIN = "Ask again; if it happens again, check that the hub is running and see its log"
+
+
 def cmd_chat(args):
     body = {"model": args.model, "stream": True,
             "messages": [{"role": "user", "content": args.prompt}]}
     path = "/rooms/%s/v1/chat/completions" % quote_segment(args.code)
     client = HubClient(args.hub)
-    conn = client.connection(timeout=DEFAULT_BACKEND_TIMEOUT_S)
+    conn = client.connection(timeout=CHAT_TIMEOUT_S)
     try:
         response = open_chat(client, conn, path, body, args.password)
-        if response.status >= 400:
-            raise GambiarraError(chat_error(args, response.status,
-                                            _json_or_empty(response.read())))
-        if response.getheader("Content-Type", "").startswith("application/json"):
-            model, content = read_chat_json(_json_or_empty(response.read()), echo=not args.json)
-        else:
-            model, content = read_chat_stream(response, echo=not args.json)
+        model, content = read_chat_answer(args, response)
     finally:
         conn.close()
     if args.json:
@@ -5040,6 +5041,21 @@ def open_chat(client, conn, path, body, password):
         raise GambiarraError(unreachable_hub(client.url, exc))
 
 
+def read_chat_answer(args, response):
+    """(model, content) of the answer, whole or streamed. GambiarraError when the
+    room refuses, or the answer is cut short or unreadable: a half answer must
+    never pass for a whole one (exit 0 would tell scripts it was fine)."""
+    try:
+        if response.status >= 400:
+            raise GambiarraError(chat_error(args, response.status,
+                                            _json_or_empty(response.read())))
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            return read_chat_json(chat_json(response.read()), echo=not args.json)
+    except (OSError, http.client.HTTPException) as exc:
+        raise GambiarraError(broken_answer(exc))
+    return read_chat_stream(response, echo=not args.json)
+
+
 def chat_error(args, status, answer):
     """One line saying what went wrong and what to do."""
     message = error_message(answer)
@@ -5049,6 +5065,28 @@ def chat_error(args, status, answer):
         return ("room %s not found on %s. See the rooms with: python3 gambiarra.py list"
                 % (args.code, args.hub))
     return "room %s answered %d: %s" % (args.code, status, message)
+
+
+def broken_answer(exc):
+    """The error line for an answer whose connection failed while it was read."""
+    if isinstance(exc, socket.timeout):
+        why = "the hub sent nothing for %g s" % CHAT_TIMEOUT_S
+    else:
+        why = "the connection to the hub broke (%s)" % _describe(exc)
+    return "the answer is incomplete: %s. %s" % (why, CHAT_ASK_AGAIN)
+
+
+def chat_json(data):
+    """The decoded body of a whole answer; GambiarraError unless it is a JSON object."""
+    try:
+        answer = json.loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
+        answer = None
+    if not isinstance(answer, dict):
+        raise GambiarraError("the answer is unreadable: the hub sent %r, which is not a "
+                             "whole JSON object. %s"
+                             % (data[:60].decode("utf-8", "replace"), CHAT_ASK_AGAIN))
+    return answer
 
 
 def read_chat_json(answer, echo):
@@ -5062,23 +5100,47 @@ def read_chat_json(answer, echo):
 
 def read_chat_stream(response, echo):
     """Read an OpenAI SSE stream up to [DONE]; print each token as it comes when
-    ``echo``. Returns (model, whole answer); an error event raises GambiarraError."""
-    model, pieces = None, []
-    for _, event in sse_stream(response):
-        if event == "[DONE]":
-            break
-        if not isinstance(event, dict):
-            raise GambiarraError("the hub sent an event that is not JSON: %r" % str(event)[:80])
-        if "error" in event:
-            raise GambiarraError("the answer broke off: %s" % error_message(event))
-        model = event.get("model") or model
-        for choice in event.get("choices") or []:
-            token = (choice.get("delta") or {}).get("content") or ""
-            pieces.append(token)
-            if echo and token:
-                sys.stdout.write(token)
-                sys.stdout.flush()
+    ``echo``. Returns (model, whole answer). GambiarraError for an error event,
+    a broken connection or a stream that ends without [DONE] (a killed hub, a
+    cut network): what was printed stays, on a line of its own."""
+    pieces = []
+    try:
+        model = _read_chat_events(response, echo, pieces)
+    except GambiarraError:
+        if echo and "".join(pieces):
+            print(flush=True)  # the error line goes under the half answer, not after it
+        raise
     return model, "".join(pieces)
+
+
+def _read_chat_events(response, echo, pieces):
+    """Append each token of the stream to ``pieces``; the model's name at [DONE]."""
+    model = None
+    try:
+        for _, event in sse_stream(response):
+            if event == "[DONE]":
+                return model
+            model = _chat_event(event, echo, pieces) or model
+    except (OSError, http.client.HTTPException) as exc:
+        raise GambiarraError(broken_answer(exc))
+    raise GambiarraError("the answer is incomplete: the stream ended before [DONE] (the hub "
+                         "or the participant's server stopped, or the network was cut). %s"
+                         % CHAT_ASK_AGAIN)
+
+
+def _chat_event(event, echo, pieces):
+    """Take one streamed chunk's tokens; its model name, if it says."""
+    if not isinstance(event, dict):
+        raise GambiarraError("the hub sent an event that is not JSON: %r" % str(event)[:80])
+    if "error" in event:
+        raise GambiarraError("the answer broke off: %s" % error_message(event))
+    for choice in event.get("choices") or []:
+        token = (choice.get("delta") or {}).get("content") or ""
+        pieces.append(token)
+        if echo and token:
+            sys.stdout.write(token)
+            sys.stdout.flush()
+    return event.get("model")
 
 
 # --- monitor: follow the events of rooms ---

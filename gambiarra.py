@@ -4504,8 +4504,9 @@ EPILOG_CHAT = """examples:
   python3 gambiarra.py chat XK7P2M "2+2?" --model llama3 --password 'correct horse'
   python3 gambiarra.py chat XK7P2M "hi" --json      # {"model": ..., "content": ...}
 
-Exits 1 with one line on stderr when the room is unknown, the password is wrong
-or no participant serves the model.
+Exits 1 with one line on stderr when the room is unknown, the password is wrong,
+no participant serves the model, or the answer is cut short (the stream ends
+without [DONE]): what was already printed stays, but it is not the whole answer.
 """
 
 EPILOG_MONITOR = """examples:

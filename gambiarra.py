@@ -4541,8 +4541,8 @@ def port_number(text):
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
+        value = None
+    if value is None or not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError("must be 0 to 65535, not %r" % text)
     return value
 

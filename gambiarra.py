@@ -721,32 +721,45 @@ class Registry:
         with self._lock:
             return [room.to_state() for room in self._rooms.values()]
 
-    def authorize(self, code, password_bytes):
-        """Raise 401 unless the room is open or ``password_bytes`` is its password.
+    def authorize(self, code, *password_forms):
+        """Raise 401 unless the room is open or one of ``password_forms`` is its
+        password: the UTF-8 bytes of the password offered, read in each way the
+        client may have encoded it (see bearer_password_forms). No form at all
+        means no password was sent.
 
-        The slow hash runs outside the lock, and each password checked is
-        remembered as a keyed digest so the next request costs a HMAC."""
+        The slow hash runs outside the lock, and each form checked is remembered
+        as a keyed digest so the next request with it costs a HMAC."""
         with self._lock:
             room = self._room(code)
             stored = room.password_hash
             if stored is None:
                 return
-            key = password_bytes and hmac.new(self._cache_key, password_bytes,
-                                              hashlib.sha256).digest()
-            known = room.checked_passwords.get(key)
-        if password_bytes is None:
+            verdicts = [(form, room.checked_passwords.get(self._digest(form)))
+                        for form in password_forms]
+        if not password_forms:
             raise ApiError(401, "This room needs its password: send it as 'Authorization: "
                                 "Bearer PASSWORD' (the API key of OpenAI clients)",
                            "missing_password", headers=[("WWW-Authenticate", "Bearer")])
-        if known is None:
-            known = password_matches(password_bytes, stored)
-            with self._lock:
-                if len(room.checked_passwords) >= PASSWORD_CACHE_ENTRIES:
-                    room.checked_passwords.clear()
-                room.checked_passwords[key] = known
-        if not known:
-            raise ApiError(401, "Invalid password", "invalid_password",
-                           headers=[("WWW-Authenticate", "Bearer")])
+        if any(known for _, known in verdicts):
+            return
+        for form, known in verdicts:
+            if known is None and self._check_password(room, stored, form):
+                return
+        raise ApiError(401, "Invalid password", "invalid_password",
+                       headers=[("WWW-Authenticate", "Bearer")])
+
+    def _digest(self, password_bytes):
+        """The key of a checked password in a room's cache (never the password)."""
+        return hmac.new(self._cache_key, password_bytes, hashlib.sha256).digest()
+
+    def _check_password(self, room, stored, password_bytes):
+        """The slow hash, called without the lock; its verdict is remembered."""
+        matches = password_matches(password_bytes, stored)
+        with self._lock:
+            if len(room.checked_passwords) >= PASSWORD_CACHE_ENTRIES:
+                room.checked_passwords.clear()
+            room.checked_passwords[self._digest(password_bytes)] = matches
+        return matches
 
     def _unused_code(self):
         while True:
@@ -2424,6 +2437,18 @@ def read_headers(rfile):
     raise ValueError("Too many headers")
 
 
+def bearer_password_forms(token):
+    """The UTF-8 bytes a Bearer password may stand for. Clients disagree on how
+    to send a non-ASCII header: curl from a UTF-8 terminal sends UTF-8 bytes;
+    http.client, requests and browsers' fetch send Latin-1, one byte per
+    character. read_headers decoded the bytes as ISO-8859-1, so encoding back
+    recovers the bytes sent (the UTF-8 reading), and encoding as UTF-8 gives
+    the Latin-1 reading. Both are tried; for ASCII they are the same."""
+    sent = token.encode("latin-1")
+    as_latin1 = token.encode("utf-8")
+    return (sent,) if as_latin1 == sent else (sent, as_latin1)
+
+
 class HubRequestHandler(http.server.BaseHTTPRequestHandler):
     """One client connection: parses requests, dispatches through ROUTER,
     writes JSON, bodies and chunked streams.
@@ -2807,10 +2832,10 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _authorize(self, code):
         """404 for an unknown room; 401 unless it is open or the request carries
-        its password as 'Authorization: Bearer PASSWORD'."""
+        its password as 'Authorization: Bearer PASSWORD', in UTF-8 or Latin-1."""
         scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
-        password = token.strip().encode("latin-1") if scheme.lower() == "bearer" else None
-        self.hub.registry.authorize(code, password)
+        forms = bearer_password_forms(token.strip()) if scheme.lower() == "bearer" else ()
+        self.hub.registry.authorize(code, *forms)
 
     def route_leave(self, code, participant_id):
         body = self.read_json_object() if not self._body_read else {}
@@ -5215,8 +5240,9 @@ EPILOG_CHAT = """examples:
   python3 gambiarra.py chat XK7P2M "2+2?" --model llama3 --password 'correct horse'
   python3 gambiarra.py chat XK7P2M "hi" --json      # {"model": ..., "content": ...}
 
-Exits 1 with one line on stderr when the room is unknown, the password is wrong
-or no participant serves the model.
+Exits 1 with one line on stderr when the room is unknown, the password is wrong,
+no participant serves the model, or the answer is cut short (the stream ends
+without [DONE]): what was already printed stays, but it is not the whole answer.
 """
 
 EPILOG_MONITOR = """examples:
@@ -5234,6 +5260,27 @@ EPILOG_DISCOVER = """examples:
 
 Finds hubs started with 'serve --mdns'. Exits 1 when none answers.
 """
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line instead of the usage
+    block: the mistake, then where the help is. Subcommands inherit the class
+    (add_subparsers passes type(self) as parser_class, 3.8 included)."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see: python3 %s --help)\n" % (self.prog, message, self.prog))
+
+
+def port_number(text):
+    """A TCP port for argparse: 0 (any free port) to 65535, so a typo is a
+    usage error instead of a traceback from bind()."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be 0 to 65535, not %r" % text)
+    return value
 
 
 def positive_int(text):
@@ -5257,7 +5304,7 @@ def add_command(commands, name, **options):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="gambiarra.py",
         description="Pool the local LLMs of everyone on the network into rooms, "
                     "behind one OpenAI-compatible hub.",
@@ -5270,7 +5317,7 @@ def build_parser():
         description="Run a hub that rooms, participants and OpenAI clients connect to.")
     serve.add_argument("--host", default=DEFAULT_HOST,
                        help="address to listen on (default: %(default)s, every interface)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+    serve.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                        help="TCP port (default: %(default)s; 0 picks a free one)")
     serve.add_argument("--quiet", action="store_true", help="print warnings and errors only")
     serve.add_argument("--log-level", default="info",
@@ -5697,21 +5744,22 @@ def room_lines(room):
 
 # --- chat: the quickest check that a room answers ---
 
+#: Longest silence of the hub during a chat answer: as long as the hub waits
+#: for a participant's server, which may be loading its model from disk.
+CHAT_TIMEOUT_S = DEFAULT_BACKEND_TIMEOUT_S
+#: What to do about an answer that broke off (the end of its error line).
+CHAT_ASK_AGAIN = "Ask again; if it happens again, check that the hub is running and see its log"
+
+
 def cmd_chat(args):
     body = {"model": args.model, "stream": True,
             "messages": [{"role": "user", "content": args.prompt}]}
     path = "/rooms/%s/v1/chat/completions" % quote_segment(args.code)
     client = HubClient(args.hub)
-    conn = client.connection(timeout=DEFAULT_BACKEND_TIMEOUT_S)
+    conn = client.connection(timeout=CHAT_TIMEOUT_S)
     try:
         response = open_chat(client, conn, path, body, args.password)
-        if response.status >= 400:
-            raise GambiarraError(chat_error(args, response.status,
-                                            _json_or_empty(response.read())))
-        if response.getheader("Content-Type", "").startswith("application/json"):
-            model, content = read_chat_json(_json_or_empty(response.read()), echo=not args.json)
-        else:
-            model, content = read_chat_stream(response, echo=not args.json)
+        model, content = read_chat_answer(args, response)
     finally:
         conn.close()
     if args.json:
@@ -5730,6 +5778,21 @@ def open_chat(client, conn, path, body, password):
         raise GambiarraError(unreachable_hub(client.url, exc))
 
 
+def read_chat_answer(args, response):
+    """(model, content) of the answer, whole or streamed. GambiarraError when the
+    room refuses, or the answer is cut short or unreadable: a half answer must
+    never pass for a whole one (exit 0 would tell scripts it was fine)."""
+    try:
+        if response.status >= 400:
+            raise GambiarraError(chat_error(args, response.status,
+                                            _json_or_empty(response.read())))
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            return read_chat_json(chat_json(response.read()), echo=not args.json)
+    except (OSError, http.client.HTTPException) as exc:
+        raise GambiarraError(broken_answer(exc))
+    return read_chat_stream(response, echo=not args.json)
+
+
 def chat_error(args, status, answer):
     """One line saying what went wrong and what to do."""
     message = error_message(answer)
@@ -5739,6 +5802,28 @@ def chat_error(args, status, answer):
         return ("room %s not found on %s. See the rooms with: python3 gambiarra.py list"
                 % (args.code, args.hub))
     return "room %s answered %d: %s" % (args.code, status, message)
+
+
+def broken_answer(exc):
+    """The error line for an answer whose connection failed while it was read."""
+    if isinstance(exc, socket.timeout):
+        why = "the hub sent nothing for %g s" % CHAT_TIMEOUT_S
+    else:
+        why = "the connection to the hub broke (%s)" % _describe(exc)
+    return "the answer is incomplete: %s. %s" % (why, CHAT_ASK_AGAIN)
+
+
+def chat_json(data):
+    """The decoded body of a whole answer; GambiarraError unless it is a JSON object."""
+    try:
+        answer = json.loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
+        answer = None
+    if not isinstance(answer, dict):
+        raise GambiarraError("the answer is unreadable: the hub sent %r, which is not a "
+                             "whole JSON object. %s"
+                             % (data[:60].decode("utf-8", "replace"), CHAT_ASK_AGAIN))
+    return answer
 
 
 def read_chat_json(answer, echo):
@@ -5752,23 +5837,47 @@ def read_chat_json(answer, echo):
 
 def read_chat_stream(response, echo):
     """Read an OpenAI SSE stream up to [DONE]; print each token as it comes when
-    ``echo``. Returns (model, whole answer); an error event raises GambiarraError."""
-    model, pieces = None, []
-    for _, event in sse_stream(response):
-        if event == "[DONE]":
-            break
-        if not isinstance(event, dict):
-            raise GambiarraError("the hub sent an event that is not JSON: %r" % str(event)[:80])
-        if "error" in event:
-            raise GambiarraError("the answer broke off: %s" % error_message(event))
-        model = event.get("model") or model
-        for choice in event.get("choices") or []:
-            token = (choice.get("delta") or {}).get("content") or ""
-            pieces.append(token)
-            if echo and token:
-                sys.stdout.write(token)
-                sys.stdout.flush()
+    ``echo``. Returns (model, whole answer). GambiarraError for an error event,
+    a broken connection or a stream that ends without [DONE] (a killed hub, a
+    cut network): what was printed stays, on a line of its own."""
+    pieces = []
+    try:
+        model = _read_chat_events(response, echo, pieces)
+    except GambiarraError:
+        if echo and "".join(pieces):
+            print(flush=True)  # the error line goes under the half answer, not after it
+        raise
     return model, "".join(pieces)
+
+
+def _read_chat_events(response, echo, pieces):
+    """Append each token of the stream to ``pieces``; the model's name at [DONE]."""
+    model = None
+    try:
+        for _, event in sse_stream(response):
+            if event == "[DONE]":
+                return model
+            model = _chat_event(event, echo, pieces) or model
+    except (OSError, http.client.HTTPException) as exc:
+        raise GambiarraError(broken_answer(exc))
+    raise GambiarraError("the answer is incomplete: the stream ended before [DONE] (the hub "
+                         "or the participant's server stopped, or the network was cut). %s"
+                         % CHAT_ASK_AGAIN)
+
+
+def _chat_event(event, echo, pieces):
+    """Take one streamed chunk's tokens; its model name, if it says."""
+    if not isinstance(event, dict):
+        raise GambiarraError("the hub sent an event that is not JSON: %r" % str(event)[:80])
+    if "error" in event:
+        raise GambiarraError("the answer broke off: %s" % error_message(event))
+    for choice in event.get("choices") or []:
+        token = (choice.get("delta") or {}).get("content") or ""
+        pieces.append(token)
+        if echo and token:
+            sys.stdout.write(token)
+            sys.stdout.flush()
+    return event.get("model")
 
 
 # --- monitor: follow the events of rooms ---

@@ -1836,6 +1836,35 @@ class TestProtectedRooms(HubTestCase):
         self.addCleanup(response.close)
         self.assertEqual(response.status, 200)
 
+    def test_a_non_ascii_password_is_accepted_in_utf8_and_in_latin1(self):
+        # curl sends the header's UTF-8 bytes; http.client, requests and fetch send
+        # a str as Latin-1. The wrong password stays wrong either way.
+        self.join_protected()
+        wrong = PASSWORD.replace("toi", "moi")
+        encodings = {"utf-8": lambda p: bearer(p),
+                     "latin-1": lambda p: {"Authorization": "Bearer " + p}}
+        checks = unittest.mock.patch.object(gambiarra, "password_matches",
+                                            wraps=gambiarra.password_matches)
+        hashes = []
+        with checks as password_matches:
+            for _ in range(2):
+                for name, header in encodings.items():
+                    for password, expected in ((PASSWORD, 200), (wrong, 401)):
+                        for method, path, body in self.protected_routes():
+                            status, _, answer = self.request(method, path, body,
+                                                             headers=header(password))
+                            self.assertEqual(status, expected, (name, password, path, answer))
+                hashes.append(password_matches.call_count - sum(hashes))
+        # The right password was hashed at join. The wrong one has three forms (its
+        # UTF-8 and Latin-1 bytes, and its UTF-8 bytes read as Latin-1), each hashed
+        # once; the second round comes from the cache.
+        self.assertEqual(hashes, [3, 0])
+
+    def protected_routes(self):
+        return (("GET", "/rooms/%s/participants" % self.code, None),
+                ("GET", "/rooms/%s/v1/models" % self.code, None),
+                ("POST", "/rooms/%s/v1/chat/completions" % self.code, {"model": "alice"}))
+
     def test_health_and_leave_need_the_participants_own_secret(self):
         self.join_protected("alice")
         self.join_protected("bob")
@@ -3036,6 +3065,22 @@ class TestCli(unittest.TestCase):
         self.assertEqual(self.run_main("serve", "--port", "nope")[0], 2)
         self.assertEqual(self.run_main("serve", "--health-interval", "0")[0], 2)
 
+    def test_a_port_out_of_range_is_a_one_line_usage_error(self):
+        for port in ("99999", "-1", "65536", "nope"):
+            status, out, err = self.run_main("serve", "--port", port, "--state", "")
+            self.assertEqual((status, out), (2, ""), err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn("--port: must be 0 to 65535", err)
+            self.assertIn("gambiarra.py serve --help", err)
+        self.assertEqual([gambiarra.port_number(p) for p in ("0", "65535")], [0, 65535])
+
+    def test_usage_errors_are_one_line(self):
+        for argv in ((), ("nope",), ("chat", "XK7P2M"), ("join", "--hub", "http://h:1")):
+            status, out, err = self.run_main(*argv)
+            self.assertEqual((status, out), (2, ""), err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn("--help", err)
+
     def test_a_stop_signal_never_deadlocks_the_wait_for_it(self):
         # The handler must not set the event itself: the main thread may be inside
         # stop.wait(), holding the event's lock (a hang of serve seen on CPython 3.12).
@@ -3229,7 +3274,7 @@ class TestClientCommands(HubTestCase):
         with contextlib.redirect_stdout(io.StringIO()) as out:
             with self.assertRaisesRegex(gambiarra.GambiarraError, "broke off"):
                 gambiarra.read_chat_stream(response, echo=True)
-        self.assertEqual(out.getvalue(), "tok0 tok1 ")
+        self.assertEqual(out.getvalue(), "tok0 tok1 \n")  # the error line goes below
 
     def start_monitor(self, *argv):
         """monitor() in a thread, printing into a StringIO: (stop, out, err, thread)."""
@@ -3316,6 +3361,120 @@ class TestClientCommands(HubTestCase):
             self.assertEqual((status, out), (1, ""), err)
             self.assertEqual(len(err.strip().splitlines()), 1, err)
             self.assertIn(expected, err)
+
+
+class CannedHub:
+    """A stand-in for a hub on 127.0.0.1 that reads each request, sends the same
+    bytes, then closes the connection, resets it, or holds it until closed:
+    the answers of a killed hub or a cut network, on cue."""
+
+    def __init__(self, answer, end="close"):
+        self.answer, self.end = answer, end
+        self.stop = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.threads = [threading.Thread(target=self.run, daemon=True)]
+        self.threads[0].start()
+
+    def run(self):
+        while not self.stop.is_set():
+            if select.select([self.listener], [], [], 0.02)[0]:
+                conn, _ = self.listener.accept()
+                thread = threading.Thread(target=self.serve, args=(conn,), daemon=True)
+                self.threads.append(thread)
+                thread.start()
+
+    def serve(self, conn):
+        with conn:
+            conn.settimeout(WAIT_S)
+            self.read_request(conn)  # unread bytes would turn a close into a reset
+            conn.sendall(self.answer)
+            if self.end == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif self.end == "hold":
+                self.stop.wait(WAIT_S)
+
+    @staticmethod
+    def read_request(conn):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            received = conn.recv(65536)
+            if not received:
+                return
+            data += received
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            body += conn.recv(65536)
+
+    def close(self):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(WAIT_S)
+        self.listener.close()
+
+
+def chunk(data):
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def token_event(text):
+    event = {"model": "m", "choices": [{"index": 0, "delta": {"content": text}}]}
+    return chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+
+
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+TWO_TOKENS = token_event("Olá ") + token_event("mun")
+JSON_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+
+
+class TestChatBrokenAnswers(unittest.TestCase):
+    """chat never passes a cut or unreadable answer for a whole one: exit 1, one
+    line on stderr; what was streamed stays on stdout, --json prints nothing."""
+
+    run_main = TestCli.run_main
+
+    def chat(self, answer, end="close", *argv):
+        hub = CannedHub(answer, end)
+        self.addCleanup(hub.close)
+        return self.run_main("chat", "XK7P2M", "hi", "--hub", hub.url, *argv)
+
+    def assert_broken(self, answer, expected, end="close", streamed="Olá mun\n"):
+        for argv, out_expected in (((), streamed), (("--json",), "")):
+            status, out, err = self.chat(answer, end, *argv)
+            self.assertEqual(status, 1, (argv, out, err))
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn(expected, err)
+            if out_expected is not None:
+                self.assertEqual(out, out_expected, argv)
+
+    def test_a_stream_that_ends_without_done(self):
+        self.assert_broken(SSE_HEAD + TWO_TOKENS + chunk(b""), "ended before [DONE]")
+
+    def test_a_stream_cut_mid_chunk(self):
+        self.assert_broken(SSE_HEAD + TWO_TOKENS + b"40\r\ndata: {", "closed mid-answer")
+
+    def test_a_stream_reset(self):
+        # The kernel may drop unread tokens on a reset: stdout is not checked.
+        self.assert_broken(SSE_HEAD + TWO_TOKENS, "incomplete", end="reset", streamed=None)
+
+    def test_a_stream_that_goes_silent(self):
+        with unittest.mock.patch.object(gambiarra, "CHAT_TIMEOUT_S", 0.1):
+            self.assert_broken(SSE_HEAD + TWO_TOKENS, "sent nothing for 0.1 s", end="hold")
+
+    def test_a_whole_answer_cut_short_or_not_json(self):
+        whole = json.dumps({"model": "m", "choices": [{"message": {"content": "x"}}]}).encode()
+        self.assert_broken(JSON_HEAD % len(whole) + whole[:20], "closed mid-answer", streamed="")
+        page = b"<html>Bad gateway</html>"
+        self.assert_broken(JSON_HEAD % len(page) + page, "not a whole JSON", streamed="")
+        self.assertEqual(self.chat(JSON_HEAD % len(whole) + whole)[:2], (0, "x\n"))
+
+    def test_a_whole_stream_still_exits_0(self):
+        done = chunk(b"data: [DONE]\n\n") + chunk(b"")
+        self.assertEqual(self.chat(SSE_HEAD + TWO_TOKENS + done)[:2], (0, "Olá mun\n"))
 
 
 class TestServeProcess(unittest.TestCase):

@@ -505,14 +505,45 @@ class Room:
 
     @classmethod
     def from_state(cls, data):
-        room = cls(str(data["code"]), str(data["name"]), data.get("passwordHash"))
-        room.id = str(data["id"])
-        room.host_id = str(data["hostId"])
-        room.created_at_ms = int(data["createdAt"])
-        room.empty_since_ms = int(data.get("emptySince") or now_ms())
-        if room.password_hash is not None and not isinstance(room.password_hash, str):
-            raise ValueError("passwordHash must be a string")
+        """The room to_state() wrote, or ValueError naming what is wrong: a
+        hand-edited file must stop the hub at start, not make every sweep fail.
+        A lower-case code is the same room (codes are case-insensitive)."""
+        if not isinstance(data, dict):
+            raise ValueError("%s, not an object" % JSON_TYPE_NAMES[type(data)])
+        code = saved_field(data, "code", str).upper()
+        if len(code) != ROOM_CODE_LENGTH or not set(code) <= set(ROOM_CODE_ALPHABET):
+            raise ValueError("the code %r is not %d characters of %s" % (
+                code, ROOM_CODE_LENGTH, ROOM_CODE_ALPHABET))
+        room = cls(code, saved_field(data, "name", str),
+                   saved_field(data, "passwordHash", str, optional=True))
+        room.id = saved_field(data, "id", str)
+        room.host_id = saved_field(data, "hostId", str)
+        room.created_at_ms = saved_field(data, "createdAt", int)
+        empty_since = saved_field(data, "emptySince", int, optional=True)
+        room.empty_since_ms = now_ms() if empty_since is None else empty_since
         return room
+
+
+#: What json.load gives, named as a file's author knows it.
+JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "an integer",
+                   float: "a number with a fraction or exponent", bool: "a boolean",
+                   type(None): "null"}
+
+
+def saved_field(data, field, kind, optional=False):
+    """``data[field]`` if it is exactly a ``kind`` (or null, when optional).
+
+    Exactly: true is not an integer here, and neither is any float (json
+    reads 1e400 as infinity, which no millisecond count can be)."""
+    value = data.get(field)
+    if value is None and optional:
+        return None
+    if field not in data:
+        raise ValueError("%s is missing" % field)
+    if type(value) is not kind:
+        raise ValueError("%s is %s, not %s" % (field, JSON_TYPE_NAMES[type(value)],
+                                               JSON_TYPE_NAMES[kind]))
+    return value
 
 
 class Target:
@@ -582,11 +613,20 @@ class Registry:
         return created
 
     def restore_rooms(self, saved):
-        """Rooms from the state file (ValueError/KeyError/TypeError if malformed)."""
-        rooms = [Room.from_state(data) for data in saved]
+        """Rooms from the state file; ValueError naming the room (by its
+        place in the file) if one is malformed or has the code of another."""
+        rooms, places = {}, {}
+        for place, data in enumerate(saved, 1):
+            try:
+                room = Room.from_state(data)
+            except ValueError as exc:
+                raise ValueError("room %d: %s" % (place, exc))
+            if room.code in rooms:
+                raise ValueError("room %d has the code of room %d, %s" % (
+                    place, places[room.code], room.code))
+            rooms[room.code], places[room.code] = room, place
         with self._lock:
-            for room in rooms:
-                self._rooms[room.code.upper()] = room
+            self._rooms.update(rooms)
 
     def rooms_state(self):
         with self._lock:
@@ -905,7 +945,9 @@ class StateFile:
             return data["rooms"]
         except FileNotFoundError:
             return []
-        except (OSError, ValueError) as exc:
+        except RecursionError:
+            raise self.unusable("its JSON is nested too deeply")
+        except (OSError, ValueError, OverflowError) as exc:
             raise self.unusable(exc)
 
     def unusable(self, exc):
@@ -2538,8 +2580,8 @@ class Hub:
         saved = self.state.load()
         try:
             self.registry.restore_rooms(saved)
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise self.state.unusable("a room is malformed: %r" % exc)
+        except ValueError as exc:
+            raise self.state.unusable(exc)
         if saved:
             log.info("%d room(s) restored from %s", len(saved), self.state.path)
 

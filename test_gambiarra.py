@@ -1436,6 +1436,88 @@ class TestStateFile(unittest.TestCase):
             self.call(hub, "POST", "/rooms", {"name": "Ephemeral"})
         self.assertFalse(os.path.exists(self.path))
 
+    def file_text(self):
+        """The state file as it is on disk now ("" before the first save)."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def room_names(self, hub):
+        return sorted(room["name"] for room in self.call(hub, "GET", "/rooms")[1]["rooms"])
+
+    def saved_room(self, **fields):
+        """A room as the state file keeps it, with ``fields`` changed."""
+        room = {"id": "r1", "code": "ABCDEF", "name": "Saved", "hostId": "h1",
+                "createdAt": 1700000000000, "passwordHash": None, "emptySince": 1700000000000}
+        room.update(fields)
+        return room
+
+    def assert_refused_at_start(self, content):
+        """The hub does not start, says why in one line naming the file and the
+        way out, and leaves the file alone; serve prints that line and exits 1."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "wb") as f:
+            f.write(content)
+        with self.assertRaises(gambiarra.GambiarraError) as caught:
+            gambiarra.Hub(state_path=self.path).start()
+        message = str(caught.exception)
+        self.assertIn(self.path, message)
+        self.assertIn("--state ''", message)
+        self.assertNotIn("\n", message)
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            status = gambiarra.main(["serve", "--host", "127.0.0.1", "--port", "0",
+                                     "--state", self.path])
+        self.assertEqual((status, err.getvalue()), (1, "error: %s\n" % message))
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), content)
+
+    def state_with(self, *rooms):
+        return json.dumps({"version": 1, "rooms": list(rooms)}).encode()
+
+    def test_a_huge_number_in_the_state_file_is_refused_in_one_line(self):
+        for field in ("createdAt", "emptySince"):
+            for number in (b"1e400", b"-1e400", b"NaN", b"1.5"):
+                with self.subTest(field=field, number=number):
+                    content = self.state_with(self.saved_room(**{field: "NUMBER"}))
+                    self.assert_refused_at_start(content.replace(b'"NUMBER"', number))
+
+    def test_a_deeply_nested_state_file_is_refused_in_one_line(self):
+        for depth in (100000, 1000):
+            with self.subTest(depth=depth):
+                self.assert_refused_at_start(b'{"rooms": [' + b"[" * depth + b"]" * depth
+                                             + b"]}")
+
+    def test_two_rooms_with_one_code_are_refused(self):
+        self.assert_refused_at_start(self.state_with(
+            self.saved_room(), self.saved_room(code="abcdef", id="r2")))
+
+    def test_fields_of_the_wrong_type_are_refused(self):
+        for change in ({"name": 5}, {"name": None}, {"id": 1}, {"hostId": []},
+                       {"createdAt": True}, {"createdAt": "1700000000000"}, {"createdAt": None},
+                       {"emptySince": "soon"}, {"passwordHash": 7}, {"code": 123456},
+                       {"code": "ABCDE"}, {"code": "ABCDE0"}, {"code": "ABCDEFG"}):
+            with self.subTest(change=change):
+                self.assert_refused_at_start(self.state_with(self.saved_room(**change)))
+        for room in ("ABCDEF", ["ABCDEF"], None):
+            with self.subTest(room=room):
+                self.assert_refused_at_start(self.state_with(room))
+
+    def test_lower_case_codes_are_restored_in_upper_case_and_expire_cleanly(self):
+        logs = CapturedLogs(self)
+        os.makedirs(os.path.dirname(self.path))
+        with open(self.path, "wb") as f:
+            f.write(self.state_with(self.saved_room(code="abcdef", emptySince=None)))
+        hub = self.hub(room_ttl=0.25, health_interval=0.05)
+        rooms = self.call(hub, "GET", "/rooms")[1]["rooms"]
+        self.assertEqual([room["code"] for room in rooms], ["ABCDEF"])
+        self.assertEqual(self.call(hub, "GET", "/rooms/abcdef/participants")[0], 200)
+        self.assertTrue(wait_until(lambda: json.loads(self.file_text())["rooms"] == []))
+        self.assertEqual(self.room_names(hub), [])
+        self.assertEqual(logs.at(logging.ERROR), [])
+
 
 # === Events and health sweeps ===
 

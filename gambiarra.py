@@ -172,6 +172,10 @@ USAGE_TAIL_BYTES = 4096
 
 #: A room with no participant for this long is removed.
 DEFAULT_ROOM_TTL_S = 24 * 3600.0
+#: Temporary state files in the old naming (".hub-XXXXXXXX.tmp", which does
+#: not say whose) are removed at start only once this old: a running hub
+#: renames its own within milliseconds.
+LEGACY_TEMPORARY_AGE_S = 60.0
 #: Room password hashing: scrypt with 4 MiB of memory (about 9 ms of CPU on a
 #: laptop core, 30-40 ms on a Raspberry Pi 4). The parameters are stored with
 #: each hash, so they can be raised later without breaking saved rooms.
@@ -915,13 +919,18 @@ def default_state_path(port):
     return os.path.join(base, "gambiarra", "hub-%d.json" % port)
 
 
+#: The temporary files of hubs before they were named after their state file.
+LEGACY_TEMPORARY = re.compile(r"\.hub-[a-z0-9_]{8}\.tmp\Z")
+
+
 class StateFile:
     """The rooms of a hub on disk, so a restart keeps their codes and passwords.
 
     Saving happens in its own thread: a request that changes the rooms only
     sets an Event, and never waits on the disk. Each save writes a temporary
-    file in the same folder (mode 0600) and renames it over the old one, so
-    a crash leaves either the old file or the new one, never half of one.
+    file named after the state file in its folder (mode 0600) and renames it
+    over the old one, so a crash leaves either the old file or the new one,
+    never half of one.
     """
 
     VERSION = 1
@@ -957,9 +966,31 @@ class StateFile:
                                                   or exc))
 
     def start(self):
-        """Save on every change from now on."""
+        """Remove what a crash left, then save on every change from now on."""
+        self._remove_leftovers()
         self._thread = threading.Thread(target=self._run, name="state-file", daemon=True)
         self._thread.start()
+
+    def _remove_leftovers(self):
+        """Remove the temporary files of saves a crash interrupted: ours, named
+        after our state file, always; old-style ones, which could be another
+        hub's in the same folder, only once they are too old to be in use."""
+        folder, name = os.path.split(self.path)
+        ours = re.compile(re.escape("." + name + ".") + r"[a-z0-9_]+\.tmp\Z")
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return
+        for leftover in names:
+            path = os.path.join(folder, leftover)
+            try:
+                if ours.match(leftover) or (
+                        LEGACY_TEMPORARY.match(leftover)
+                        and time.time() - os.stat(path).st_mtime > LEGACY_TEMPORARY_AGE_S):
+                    os.unlink(path)
+                    log.info("removed %s, left by an interrupted save", path)
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", path, exc.strerror or exc)
 
     def changed(self):
         self._changed.set()
@@ -976,7 +1007,8 @@ class StateFile:
         rooms = self.snapshot()
         folder = os.path.dirname(self.path)
         try:
-            fd, temporary = tempfile.mkstemp(prefix=".hub-", suffix=".tmp", dir=folder)
+            fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".",
+                                               suffix=".tmp", dir=folder)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     json.dump({"version": self.VERSION, "rooms": rooms}, f, indent=1)

@@ -1447,6 +1447,20 @@ class TestStateFile(unittest.TestCase):
     def room_names(self, hub):
         return sorted(room["name"] for room in self.call(hub, "GET", "/rooms")[1]["rooms"])
 
+    def test_leftover_temporary_files_are_removed_at_start(self):
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder)
+        removed = [".hub-3000.json.k3j_x9q2.tmp", ".hub-a1b2c3d4.tmp"]  # ours; legacy, old
+        kept = [".hub-e5f6g7h8.tmp",            # legacy but recent: maybe another hub's
+                ".hub-3001.json.k3j_x9q2.tmp",  # another hub's, by its state file's name
+                "notes.tmp"]
+        for name in removed + kept:
+            open(os.path.join(folder, name), "w").close()
+        two_minutes_ago = time.time() - 120
+        os.utime(os.path.join(folder, ".hub-a1b2c3d4.tmp"), (two_minutes_ago, two_minutes_ago))
+        self.hub()
+        self.assertEqual(sorted(os.listdir(folder)), sorted(kept))
+
     def saved_room(self, **fields):
         """A room as the state file keeps it, with ``fields`` changed."""
         room = {"id": "r1", "code": "ABCDEF", "name": "Saved", "hostId": "h1",

@@ -589,9 +589,14 @@ def model_matches(requested, served):
 class Registry:
     """Every room and participant of the hub.
 
-    One lock, ``_lock``, guards all rooms, participants and their counters.
-    Methods copy out what callers need and return, so no I/O ever happens
-    while it is held; events are returned to the caller to publish.
+    One lock, ``_lock``, guards all rooms, participants and their counters,
+    and the codes of new rooms not kept yet. Methods copy out what callers
+    need and return, so no I/O ever happens while it is held; events are
+    returned to the caller to publish.
+
+    ``keep_new_room(room)`` makes a new room last, then admits it (hands it to
+    admit_rooms); it raises an ApiError when it cannot. Without a state file
+    it admits at once; Hub.start() puts StateFile.keep there.
     """
 
     def __init__(self, participant_timeout_s, forget_after_s, room_ttl_s=DEFAULT_ROOM_TTL_S,
@@ -601,20 +606,35 @@ class Registry:
         self.room_ttl_s = room_ttl_s
         self.clock = clock
         self.on_rooms_changed = on_rooms_changed or (lambda: None)
+        self.keep_new_room = lambda room: self.admit_rooms([room])
         self._cache_key = os.urandom(32)  # keys the digests of checked passwords
         self._lock = threading.Lock()
         self._rooms = {}  # code -> Room
+        self._reserved = set()  # codes of new rooms being kept, not listed yet
 
     # -- rooms --
 
     def create_room(self, name, password_hash=None):
+        """A new room's JSON, returned once keep_new_room() has kept and admitted it.
+
+        Until then its code is reserved but the room is not listed, so a room
+        whose save failed never existed for anyone."""
         with self._lock:
             code = self._unused_code()
-            room = Room(code, name, password_hash)
-            self._rooms[code] = room
-            created = room.to_json()
-        self.on_rooms_changed()
-        return created
+            self._reserved.add(code)
+        room = Room(code, name, password_hash)
+        try:
+            self.keep_new_room(room)
+        finally:
+            with self._lock:
+                self._reserved.discard(code)
+        return room.to_json()
+
+    def admit_rooms(self, rooms):
+        """List new rooms (kept on disk, when there is a state file)."""
+        with self._lock:
+            for room in rooms:
+                self._rooms[room.code] = room
 
     def restore_rooms(self, saved):
         """Rooms from the state file; ValueError naming the room (by its
@@ -666,7 +686,7 @@ class Registry:
     def _unused_code(self):
         while True:
             code = "".join(secrets.choice(ROOM_CODE_ALPHABET) for _ in range(ROOM_CODE_LENGTH))
-            if code not in self._rooms:
+            if code not in self._rooms and code not in self._reserved:
                 return code
 
     def list_rooms(self):
@@ -923,24 +943,51 @@ def default_state_path(port):
 LEGACY_TEMPORARY = re.compile(r"\.hub-[a-z0-9_]{8}\.tmp\Z")
 
 
+class SaveTicket:
+    """A new room waiting for the save that puts it on disk."""
+
+    __slots__ = ("room", "done", "error")
+
+    def __init__(self, room):
+        self.room = room
+        self.done = threading.Event()
+        self.error = None  # the ApiError for its creator when that save failed
+
+    def settle(self, error):
+        self.error = error
+        self.done.set()
+
+
 class StateFile:
     """The rooms of a hub on disk, so a restart keeps their codes and passwords.
 
-    Saving happens in its own thread: a request that changes the rooms only
-    sets an Event, and never waits on the disk. Each save writes a temporary
-    file named after the state file in its folder (mode 0600) and renames it
-    over the old one, so a crash leaves either the old file or the new one,
-    never half of one.
+    One thread saves. Changes to existing rooms (expiry, emptiness) only ask
+    for a save and never wait on the disk. A new room waits in keep() until a
+    save that includes it is on disk, so a 201 is never lost to a crash; new
+    rooms that come while a save runs go together into the next one, so a
+    burst of creations costs a few writes, not one each. Each save writes a
+    temporary file named after the state file in its folder (mode 0600),
+    fsyncs it and renames it over the old one, so a crash leaves either the
+    old file or the new one, never half of one.
+
+    ``_lock`` guards ``_queued``, ``_dirty`` and ``_stopped``. ``_failing``
+    belongs to the saver thread.
     """
 
     VERSION = 1
 
-    def __init__(self, path, snapshot):
+    def __init__(self, path, snapshot, admit):
         self.path = os.path.abspath(path)
         self.snapshot = snapshot  # callable returning the rooms to keep
-        self._changed = threading.Event()
+        self.admit = admit  # callable given new rooms once they are on disk
+        self._wake = threading.Event()
         self._closing = False
         self._thread = None
+        self._lock = threading.Lock()
+        self._queued = []  # SaveTickets for the next save
+        self._dirty = False  # existing rooms changed since the last save
+        self._stopped = False  # the saver is gone: new rooms are refused
+        self._failing = None  # the kind of failure last logged at ERROR
 
     def load(self):
         """The saved rooms ([] when there is no file yet); GambiarraError if the
@@ -993,41 +1040,130 @@ class StateFile:
                 log.warning("cannot remove %s: %s", path, exc.strerror or exc)
 
     def changed(self):
-        self._changed.set()
+        """Save soon; the caller does not wait."""
+        with self._lock:
+            self._dirty = True
+        self._wake.set()
+
+    def keep(self, room):
+        """Return once ``room`` is on disk with the others and admitted.
+
+        Raises ApiError 507 with the cause when the save fails (503 when the
+        hub is stopping), and the room is then never admitted nor saved.
+        No timeout: after one, a refusal could no longer promise that."""
+        ticket = SaveTicket(room)
+        with self._lock:
+            if self._stopped:
+                raise ApiError(503, "the hub is shutting down", "shutting_down")
+            self._queued.append(ticket)
+        self._wake.set()
+        ticket.done.wait()
+        if ticket.error is not None:
+            raise ticket.error
 
     def _run(self):
         while True:
-            self._changed.wait()
-            self._changed.clear()
-            self.save()
-            if self._closing and not self._changed.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            self._save_queued()
+            if self._closing and self._stop_when_idle():
                 return
 
-    def save(self):
-        rooms = self.snapshot()
-        folder = os.path.dirname(self.path)
+    def _save_queued(self):
+        """One save with every new room queued so far; then admit them, before
+        the next snapshot (which must list them), or refuse them all."""
+        with self._lock:
+            batch, self._queued = self._queued, []
+            dirty, self._dirty = self._dirty, False
+        if not (batch or dirty):
+            return  # woken for new rooms that the previous save took along
+        new_rooms = [ticket.room for ticket in batch]
         try:
-            fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".",
-                                               suffix=".tmp", dir=folder)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"version": self.VERSION, "rooms": rooms}, f, indent=1)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temporary, self.path)
-            except BaseException:
-                os.unlink(temporary)
-                raise
+            error = self.save(new_rooms)
+        except Exception:  # a bug: the creators waiting must still get an answer
+            log.exception("unexpected error saving the rooms to %s", self.path)
+            error = ApiError(500, "Internal error in the hub (see its log)", "internal_error")
+        if error is None and new_rooms:
+            self.admit(new_rooms)
+        for ticket in batch:
+            ticket.settle(error)
+
+    def _stop_when_idle(self):
+        """Stop unless something came in meanwhile; later new rooms get a 503."""
+        with self._lock:
+            self._stopped = not (self._queued or self._dirty)
+            return self._stopped
+
+    def save(self, new_rooms=()):
+        """Write the rooms and ``new_rooms`` to disk. Returns None, or the
+        ApiError that tells their creators why they could not be saved."""
+        rooms = self.snapshot() + [room.to_state() for room in new_rooms]
+        data = json.dumps({"version": self.VERSION, "rooms": rooms}, indent=1).encode("ascii")
+        try:
+            self._write(data)
         except OSError as exc:
-            log.error("cannot save the rooms to %s: %s", self.path, exc.strerror or exc)
+            return self._failed(exc)
+        if self._failing is not None:
+            self._failing = None
+            log.info("the rooms are saved to %s again", self.path)
+        log.debug("saved %d room(s) to %s, %d new", len(rooms), self.path, len(new_rooms))
+        return None
+
+    def _write(self, data):
+        """Write ``data`` to a temporary file, fsync it, rename it over the
+        state file, then fsync the folder so the rename survives a power cut."""
+        folder, name = os.path.split(self.path)
+        fd, temporary = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        sync_folder(folder)
+
+    def _failed(self, exc):
+        """Log a failed save at ERROR once per kind (a full disk refuses every
+        new room; one line says it), and return the answer for the new rooms."""
+        cause = exc.strerror or str(exc)
+        kind = exc.errno if exc.errno is not None else cause
+        if kind != self._failing:
+            self._failing = kind
+            log.error("cannot save the rooms to %s: %s. New rooms are refused (507) until a "
+                      "save works again", self.path, cause)
+        else:
+            log.debug("cannot save the rooms to %s: %s", self.path, cause)
+        return ApiError(507, "cannot save the room to %s: %s" % (self.path, cause),
+                        "state_not_saved")
 
     def close(self):
         """Write the last change, then stop."""
         if self._thread is None:
             return
         self._closing = True
-        self._changed.set()
+        self.changed()
         self._thread.join(10)
+
+
+def sync_folder(folder):
+    """fsync a folder, so that a file just renamed in it stays renamed after a
+    power cut. Where a folder cannot be opened (Windows) or synced (EINVAL on
+    some file systems), the rename is as durable as the system makes it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
 
 
 # === Event bus ===
@@ -2553,7 +2689,8 @@ class Hub:
         self.client_timeout = client_timeout
         self.queue_timeout = queue_timeout
         self.registry = Registry(participant_timeout, forget_after, room_ttl)
-        self.state = StateFile(state_path, self.registry.rooms_state) if state_path else None
+        self.state = (StateFile(state_path, self.registry.rooms_state, self.registry.admit_rooms)
+                      if state_path else None)
         self.bus = EventBus()
         self.relay = None
         self.watcher = None
@@ -2574,6 +2711,7 @@ class Hub:
         if self.state is not None:
             self.state.start()
             self.registry.on_rooms_changed = self.state.changed
+            self.registry.keep_new_room = self.state.keep
         self.port = self.server.server_address[1]
         self.watcher = ClientWatcher()
         self.tunnels = TunnelBroker()

@@ -1098,9 +1098,8 @@ class StateFile:
         """Write the rooms and ``new_rooms`` to disk. Returns None, or the
         ApiError that tells their creators why they could not be saved."""
         rooms = self.snapshot() + [room.to_state() for room in new_rooms]
-        data = json.dumps({"version": self.VERSION, "rooms": rooms}, indent=1).encode("ascii")
         try:
-            self._write(data)
+            self._write(self.encode(rooms))
         except OSError as exc:
             return self._failed(exc)
         if self._failing is not None:
@@ -1108,6 +1107,14 @@ class StateFile:
             log.info("the rooms are saved to %s again", self.path)
         log.debug("saved %d room(s) to %s, %d new", len(rooms), self.path, len(new_rooms))
         return None
+
+    def encode(self, rooms):
+        """The file's bytes: one room per line, still easy to read and edit,
+        and encoded by json's C encoder (indent would use the slow Python
+        one: 6 ms instead of 2.5 for 1,000 rooms)."""
+        encode = json.JSONEncoder().encode
+        lines = ",\n".join(map(encode, rooms))
+        return ('{"version": %d, "rooms": [\n%s\n]}\n' % (self.VERSION, lines)).encode("ascii")
 
     def _write(self, data):
         """Write ``data`` to a temporary file, fsync it, rename it over the

@@ -11,6 +11,7 @@ stops everything it started.
 
 import collections
 import contextlib
+import errno
 import http.client
 import http.server
 import io
@@ -2013,6 +2014,155 @@ class TestStateFile(unittest.TestCase):
             self.call(hub, "POST", "/rooms", {"name": "Ephemeral"})
         self.assertFalse(os.path.exists(self.path))
 
+    def file_text(self):
+        """The state file as it is on disk now ("" before the first save)."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def room_names(self, hub):
+        return sorted(room["name"] for room in self.call(hub, "GET", "/rooms")[1]["rooms"])
+
+    def test_a_room_is_on_disk_when_its_201_arrives_and_a_burst_is_saved_in_few_writes(self):
+        hub = self.hub()
+        creators, rooms_each = 40, 5
+        problems, writes, original_replace = [], [], os.replace
+
+        def create_rooms():
+            conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=WAIT_S)
+            try:
+                for _ in range(rooms_each):
+                    conn.request("POST", "/rooms", body=b'{"name": "Burst"}',
+                                 headers={"Content-Type": "application/json"})
+                    response = conn.getresponse()
+                    answer = json.loads(response.read())
+                    if response.status != 201 or answer["room"]["code"] not in self.file_text():
+                        problems.append((response.status, answer))
+            except Exception as exc:  # reported by the test, not by the thread
+                problems.append(exc)
+            finally:
+                conn.close()
+
+        def counting_replace(*args, **kwargs):
+            writes.append(args)
+            return original_replace(*args, **kwargs)
+
+        threads = [threading.Thread(target=create_rooms) for _ in range(creators)]
+        with unittest.mock.patch.object(gambiarra.os, "replace", side_effect=counting_replace):
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(WAIT_S)
+        self.assertEqual(problems, [])  # each room was in the file when its 201 came
+        self.assertEqual(len(json.loads(self.file_text())["rooms"]), creators * rooms_each)
+        self.assertLess(len(writes), creators * rooms_each / 4)
+
+    def test_a_room_that_cannot_be_saved_is_refused_and_never_exists(self):
+        logs = CapturedLogs(self)
+        hub = self.hub()
+        self.assertEqual(self.call(hub, "POST", "/rooms", {"name": "Kept"})[0], 201)
+        disk_full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with unittest.mock.patch.object(gambiarra.os, "fsync", side_effect=disk_full):
+            for _ in range(3):
+                status, answer = self.call(hub, "POST", "/rooms", {"name": "Refused"})
+                self.assertEqual(status, 507, answer)
+                self.assertEqual(answer["error"], "cannot save the room to %s: %s"
+                                 % (self.path, os.strerror(errno.ENOSPC)))
+        self.assertEqual(len(logs.at(logging.ERROR)), 1, logs.at(logging.ERROR))  # not 3
+        self.assertEqual(self.room_names(hub), ["Kept"])
+        self.assertEqual(self.call(hub, "POST", "/rooms", {"name": "Later"})[0], 201)
+        self.assertNotIn("Refused", self.file_text())
+        self.assertEqual(os.listdir(os.path.dirname(self.path)), ["hub-3000.json"])
+        hub.close()
+        self.assertEqual(self.room_names(self.hub()), ["Kept", "Later"])
+
+    def test_leftover_temporary_files_are_removed_at_start(self):
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder)
+        removed = [".hub-3000.json.k3j_x9q2.tmp", ".hub-a1b2c3d4.tmp"]  # ours; legacy, old
+        kept = [".hub-e5f6g7h8.tmp",            # legacy but recent: maybe another hub's
+                ".hub-3001.json.k3j_x9q2.tmp",  # another hub's, by its state file's name
+                "notes.tmp"]
+        for name in removed + kept:
+            open(os.path.join(folder, name), "w").close()
+        two_minutes_ago = time.time() - 120
+        os.utime(os.path.join(folder, ".hub-a1b2c3d4.tmp"), (two_minutes_ago, two_minutes_ago))
+        self.hub()
+        self.assertEqual(sorted(os.listdir(folder)), sorted(kept))
+
+    def saved_room(self, **fields):
+        """A room as the state file keeps it, with ``fields`` changed."""
+        room = {"id": "r1", "code": "ABCDEF", "name": "Saved", "hostId": "h1",
+                "createdAt": 1700000000000, "passwordHash": None, "emptySince": 1700000000000}
+        room.update(fields)
+        return room
+
+    def assert_refused_at_start(self, content):
+        """The hub does not start, says why in one line naming the file and the
+        way out, and leaves the file alone; serve prints that line and exits 1."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "wb") as f:
+            f.write(content)
+        with self.assertRaises(gambiarra.GambiarraError) as caught:
+            gambiarra.Hub(state_path=self.path).start()
+        message = str(caught.exception)
+        self.assertIn(self.path, message)
+        self.assertIn("--state ''", message)
+        self.assertNotIn("\n", message)
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            status = gambiarra.main(["serve", "--host", "127.0.0.1", "--port", "0",
+                                     "--state", self.path])
+        self.assertEqual((status, err.getvalue()), (1, "error: %s\n" % message))
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), content)
+
+    def state_with(self, *rooms):
+        return json.dumps({"version": 1, "rooms": list(rooms)}).encode()
+
+    def test_a_huge_number_in_the_state_file_is_refused_in_one_line(self):
+        for field in ("createdAt", "emptySince"):
+            for number in (b"1e400", b"-1e400", b"NaN", b"1.5"):
+                with self.subTest(field=field, number=number):
+                    content = self.state_with(self.saved_room(**{field: "NUMBER"}))
+                    self.assert_refused_at_start(content.replace(b'"NUMBER"', number))
+
+    def test_a_deeply_nested_state_file_is_refused_in_one_line(self):
+        for depth in (100000, 1000):
+            with self.subTest(depth=depth):
+                self.assert_refused_at_start(b'{"rooms": [' + b"[" * depth + b"]" * depth
+                                             + b"]}")
+
+    def test_two_rooms_with_one_code_are_refused(self):
+        self.assert_refused_at_start(self.state_with(
+            self.saved_room(), self.saved_room(code="abcdef", id="r2")))
+
+    def test_fields_of_the_wrong_type_are_refused(self):
+        for change in ({"name": 5}, {"name": None}, {"id": 1}, {"hostId": []},
+                       {"createdAt": True}, {"createdAt": "1700000000000"}, {"createdAt": None},
+                       {"emptySince": "soon"}, {"passwordHash": 7}, {"code": 123456},
+                       {"code": "ABCDE"}, {"code": "ABCDE0"}, {"code": "ABCDEFG"}):
+            with self.subTest(change=change):
+                self.assert_refused_at_start(self.state_with(self.saved_room(**change)))
+        for room in ("ABCDEF", ["ABCDEF"], None):
+            with self.subTest(room=room):
+                self.assert_refused_at_start(self.state_with(room))
+
+    def test_lower_case_codes_are_restored_in_upper_case_and_expire_cleanly(self):
+        logs = CapturedLogs(self)
+        os.makedirs(os.path.dirname(self.path))
+        with open(self.path, "wb") as f:
+            f.write(self.state_with(self.saved_room(code="abcdef", emptySince=None)))
+        hub = self.hub(room_ttl=0.25, health_interval=0.05)
+        rooms = self.call(hub, "GET", "/rooms")[1]["rooms"]
+        self.assertEqual([room["code"] for room in rooms], ["ABCDEF"])
+        self.assertEqual(self.call(hub, "GET", "/rooms/abcdef/participants")[0], 200)
+        self.assertTrue(wait_until(lambda: json.loads(self.file_text())["rooms"] == []))
+        self.assertEqual(self.room_names(hub), [])
+        self.assertEqual(logs.at(logging.ERROR), [])
+
 
 # === Events and health sweeps ===
 
@@ -3480,13 +3630,14 @@ class TestChatBrokenAnswers(unittest.TestCase):
 class TestServeProcess(unittest.TestCase):
     """``serve`` as users run it: a process, stopped by a signal."""
 
-    def start_serve(self, python_flags=(), **env):
+    def start_serve(self, python_flags=(), args=(), **env):
         self.state_home = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.state_home)
         process = subprocess.Popen(
             [sys.executable] + list(python_flags) + [
                 os.path.join(HERE, "gambiarra.py"), "serve", "--host", "127.0.0.1", "--port",
-                "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                "0"] + list(args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
             env=dict(os.environ, XDG_STATE_HOME=self.state_home, **env))
         self.addCleanup(process.kill)
         self.addCleanup(process.stdout.close)
@@ -3527,6 +3678,51 @@ class TestServeProcess(unittest.TestCase):
             self.assertEqual(process.wait(WAIT_S), expected)
             with open(os.path.join(self.state_home, "gambiarra", "hub-0.json")) as f:
                 self.assertIn("kept", f.read())  # the default state file
+
+    def test_every_room_answered_201_survives_kill_9(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "hub.json")
+        process, url, _ = self.start_serve(args=["--log-level", "warning", "--state", path])
+        port = urllib.parse.urlsplit(url).port
+        lock = threading.Lock()  # guards acknowledged and refused
+        acknowledged, refused, enough = [], [], threading.Event()
+
+        def create_rooms():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
+            try:
+                while True:
+                    conn.request("POST", "/rooms", body=b'{"name": "Burst"}',
+                                 headers={"Content-Type": "application/json"})
+                    response = conn.getresponse()
+                    answer = json.loads(response.read())
+                    with lock:
+                        if response.status != 201:
+                            refused.append((response.status, answer))
+                            return
+                        acknowledged.append(answer["room"]["code"])
+                        if len(acknowledged) >= 100:
+                            enough.set()
+            except (OSError, http.client.HTTPException, ValueError):
+                pass  # the hub was killed mid-request
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=create_rooms) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        self.assertTrue(enough.wait(WAIT_S))
+        process.kill()
+        process.wait(WAIT_S)
+        for thread in threads:
+            thread.join(WAIT_S)
+        with open(path, encoding="utf-8") as f:
+            saved = {room["code"] for room in json.load(f)["rooms"]}
+        with lock:
+            self.assertEqual(refused, [])
+            lost = set(acknowledged) - saved
+            self.assertEqual(lost, set(), "%d of %d acknowledged rooms lost"
+                             % (len(lost), len(acknowledged)))
 
 
 # === Participant agent ===

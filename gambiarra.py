@@ -1355,8 +1355,10 @@ class StateFile:
                       "save works again", self.path, cause)
         else:
             log.debug("cannot save the rooms to %s: %s", self.path, cause)
-        return ApiError(507, "cannot save the room to %s: %s" % (self.path, cause),
-                        "state_not_saved")
+        # The cause, not the path: a client has no business knowing the
+        # organiser's home folder; the log line above names it.
+        return ApiError(507, "The hub cannot save the room to its state file (%s), so the "
+                             "room was not created" % cause, "state_not_saved")
 
     def close(self):
         """Write the last change, then stop."""
@@ -1500,6 +1502,11 @@ def has_pending_input(sock):
     return bool(poller.poll(0))
 
 
+class InvalidAnswer(http.client.BadStatusLine):
+    """A backend's answer head that must not be relayed; the message is ours,
+    never the backend's bytes (they could be the end of someone else's answer)."""
+
+
 class BackendResponse(http.client.HTTPResponse):
     """http.client's response, reading past interim (1xx) answers.
 
@@ -1514,14 +1521,14 @@ class BackendResponse(http.client.HTTPResponse):
         for _ in range(MAX_INTERIM_ANSWERS):
             version, status, reason = super()._read_status()
             if status == 101:
-                raise http.client.BadStatusLine("101 Switching Protocols to a POST")
+                raise InvalidAnswer("101 Switching Protocols to a POST")
             if status >= 200:
                 return version, status, reason
             try:
                 read_headers(self.fp)  # the interim answer's headers: dropped
-            except ValueError as exc:
-                raise http.client.BadStatusLine(str(exc))
-        raise http.client.BadStatusLine("more than %d interim answers" % MAX_INTERIM_ANSWERS)
+            except ValueError:
+                raise InvalidAnswer("malformed headers in an interim answer")
+        raise InvalidAnswer("more than %d interim answers" % MAX_INTERIM_ANSWERS)
 
 
 class _BackendMixin:
@@ -1827,7 +1834,7 @@ def checked_answer_head(status, content_type):
     if content_type is None:
         return "application/json"
     if not _CONTENT_TYPE.match(content_type):
-        raise invalid_answer("Content-Type %r" % printable(content_type[:80]))
+        raise invalid_answer("a Content-Type with control characters")
     return content_type
 
 
@@ -1964,6 +1971,12 @@ class TunnelCall:
         if started:
             self.settled.set()
         return started
+
+    def lose(self, reason):
+        """The agent that took the call is gone before its answer started."""
+        if self._move(("taken", "accepted"), "ended"):
+            self.answer.end(("gone", reason))
+            self.settled.set()
 
     def withdraw(self):
         """Give up on a call that no agent accepted in time (False if one just did)."""
@@ -2194,7 +2207,7 @@ class TunnelResponse:
                 detail or "its agent did not take the request"), "backend_unreachable",
                 before_answer=before_answer, refused=True)
         if kind == "gone":
-            return BackendFailure(502, "Participant went offline (%s)" % detail,
+            return BackendFailure(502, "Participant's agent is gone (%s)" % detail,
                                   "participant_gone", before_answer=before_answer)
         if kind == "invalid":
             return invalid_answer(detail)
@@ -2434,9 +2447,11 @@ class Relay:
                 conn.close()
                 if exchange.aborted:
                     raise BackendFailure(503, *self._read_failure(exchange, exc))
+                if isinstance(exc, InvalidAnswer):
+                    raise invalid_answer(str(exc))
                 if isinstance(exc, http.client.BadStatusLine) and not isinstance(
                         exc, http.client.RemoteDisconnected):
-                    raise invalid_answer(str(exc)[:200])
+                    raise invalid_answer("a malformed status line")  # not echoed: see InvalidAnswer
                 if reused and attempt == 1:
                     continue  # the backend closed an idle connection; try a fresh one
                 raise BackendFailure(502, "Participant's server at %s:%s is unreachable (%s)" % (
@@ -2686,10 +2701,13 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         super().setup()
         enable_keepalive(self.connection)
         self._linger = False
+        self._lifeline = None  # the TunnelCall this connection accepted, until its upload
         self._head_sent = self._chunked = self._openai = False  # a 414 comes before
         self._body_read = True                                  # parse_request()
 
     def finish(self):
+        if self._lifeline is not None:  # the agent's connection closed before its answer
+            self._lifeline.lose("its agent's connection closed before the answer")
         if self._linger:
             self._lingering_close()
         super().finish()
@@ -2749,6 +2767,9 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self._head_sent = self._chunked = self._openai = False  # per request, on a kept
         self._body_read = True                                  # alive connection
+        if self._lifeline is not None:  # the agent's next request: its answer, normally
+            self._lifeline = None
+            self.connection.settimeout(self.hub.client_timeout)
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
         version = _REQUEST_VERSION.match(words[-1]) if len(words) == 3 else None
@@ -3165,10 +3186,18 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def route_tunnel_accept(self, code, participant_id, call_id):
         """An agent confirms it got a request and starts on it: 200, or 410
-        when nobody waits for it any more (the agent then drops it)."""
-        if not self._own_call(code, participant_id, call_id).accept():
+        when nobody waits for it any more (the agent then drops it).
+
+        The connection then waits for the answer's upload and is the
+        request's lifeline: if the agent is killed, the kernel closes it and
+        the request moves on to another participant at once, instead of when
+        the agent is found offline."""
+        call = self._own_call(code, participant_id, call_id)
+        if not call.accept():
             raise ApiError(410, "Nobody waits for this request any more; drop it", "gone")
         self.send_json(200, {"success": True})
+        self._lifeline = call
+        self.connection.settimeout(self.hub.backend_timeout)  # as long as the relay waits
 
     def route_tunnel_answer(self, code, participant_id, call_id):
         """The answer to a tunnelled request, uploaded as it comes (chunked):
@@ -3443,7 +3472,8 @@ class Hub:
         close idle backend connections."""
         events, lost = self.registry.sweep()
         for code, tunnel_key, forgotten in lost:
-            self.tunnels.abandon(code, tunnel_key, ("gone", "its agent stopped answering"))
+            self.tunnels.abandon(code, tunnel_key, ("gone", "it went offline: no heartbeat "
+                                                    "for %g s" % self.participant_timeout))
             if forgotten:
                 self.tunnels.retire(code, tunnel_key)
         for code, event, data in events:
@@ -4707,9 +4737,6 @@ HUB_CALL_TIMEOUT_S = 10.0
 #: Retry delays of an agent that cannot reach its hub or room: doubled up to the max.
 AGENT_BACKOFF_MIN_S = 1.0
 AGENT_BACKOFF_MAX_S = 30.0
-#: A confirmed job's connection carries its answer if the answer starts sooner
-#: than this; later, the hub may be closing it as idle, so a new one is used.
-AGENT_REUSE_S = 30.0
 #: How long a stopping agent lets requests in flight finish before leaving.
 AGENT_DRAIN_S = 5.0
 #: Time nvidia-smi may take to describe the GPUs.
@@ -5263,14 +5290,13 @@ class Agent:
         upload = self._confirm(job) if job.confirm else None
         if job.confirm and upload is None:
             return
-        confirmed_at = time.monotonic()
         local = open_http(self.local, self.local_timeout_s)
         with self._lock:
             self._locals.add(local)
         try:
             answer = self._ask_local(local, job) or self._local_answer(local)
-            if upload is not None and not still_usable(upload, confirmed_at):
-                upload.close()  # the hub closes idle connections: the answer takes a new one
+            if upload is not None and not still_open(upload):
+                upload.close()  # an older hub closed it as idle: the answer takes a new one
                 upload = None
             if isinstance(answer, Exception):
                 self._local_failed(answer)
@@ -5406,11 +5432,10 @@ class TunnelJob:
         return cls(call_id, path, via, fields.get("accept") is True, body)
 
 
-def still_usable(conn, idle_since):
-    """Whether a kept-alive hub connection can carry the next request: open,
-    and idle for well under the hub's CLIENT_IDLE_TIMEOUT_S."""
-    return (conn.sock is not None and time.monotonic() - idle_since < AGENT_REUSE_S
-            and not has_pending_input(conn.sock))
+def still_open(conn):
+    """Whether a kept-alive connection can carry the next request (the other
+    side has not closed it)."""
+    return conn.sock is not None and not has_pending_input(conn.sock)
 
 
 def _pieces_of(response):

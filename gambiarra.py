@@ -918,7 +918,7 @@ class Registry:
 
     # -- the agents of tunnelled participants --
 
-    def poll_started(self, code, participant_id, offered_secret, wait_s):
+    def poll_started(self, code, participant_id, offered_secret):
         """A tunnelled participant's agent polls: a heartbeat, and proof that
         it listens until the poll ends. Returns (came back online, tunnel key);
         poll_ended() must follow."""
@@ -928,9 +928,7 @@ class Registry:
             if participant.transport != "tunnel":
                 raise ApiError(409, "Participant joined with transport 'direct': the hub calls "
                                     "its endpoint itself", "not_tunnelled")
-            participant.polls += 1
-            participant.listening_until = max(participant.listening_until,
-                                              self.clock() + wait_s + TUNNEL_LISTEN_MARGIN_S)
+            participant.polls += 1  # reachable while a poll is open (however long)
             if participant.polls == 1:
                 self._serve_waiters(self._room(code))
             return came_back, participant.tunnel_key()
@@ -949,6 +947,14 @@ class Registry:
             else:
                 participant.listening_until = max(participant.listening_until,
                                                   now + TUNNEL_LISTEN_MARGIN_S)
+
+    def agent_gone(self, code, participant_id):
+        """The agent closed the connection of a job it had confirmed: it was
+        killed. Unless it has a poll open, it is not routed to any more."""
+        with self._lock:
+            participant = self._present(code, participant_id)
+            if participant is not None and not participant.polls:
+                participant.listening_until = self.clock()
 
     def saw_agent(self, code, participant_id):
         """The agent confirmed or answered a request: it is there."""
@@ -1973,10 +1979,13 @@ class TunnelCall:
         return started
 
     def lose(self, reason):
-        """The agent that took the call is gone before its answer started."""
-        if self._move(("taken", "accepted"), "ended"):
-            self.answer.end(("gone", reason))
-            self.settled.set()
+        """The agent that took the call is gone before its answer started;
+        False if the answer had started (or the call was over)."""
+        if not self._move(("taken", "accepted"), "ended"):
+            return False
+        self.answer.end(("gone", reason))
+        self.settled.set()
+        return True
 
     def withdraw(self):
         """Give up on a call that no agent accepted in time (False if one just did)."""
@@ -2706,8 +2715,9 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self._body_read = True                                  # parse_request()
 
     def finish(self):
-        if self._lifeline is not None:  # the agent's connection closed before its answer
-            self._lifeline.lose("its agent's connection closed before the answer")
+        call = self._lifeline
+        if call is not None and call.lose("its connection closed before the answer"):
+            self.hub.registry.agent_gone(call.code, call.participant_id)  # killed
         if self._linger:
             self._lingering_close()
         super().finish()
@@ -3144,7 +3154,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             self.hub.registry.check_secret(code, participant_id, secret)
             self.send_body(204, None, b"")
             return
-        came_back, key = self.hub.registry.poll_started(code, participant_id, secret, wait_s)
+        came_back, key = self.hub.registry.poll_started(code, participant_id, secret)
         if came_back:
             self.hub.bus.publish(code.upper(), "participant:online",
                                  {"participantId": participant_id})

@@ -157,8 +157,10 @@ MAX_INTERIM_ANSWERS = 8
 #: Answers without framing up to this size are sent whole, in one write; larger
 #: ones piece by piece as they arrive.
 WHOLE_ANSWER_BYTES = 65536
-#: Hubs a relayed request may have passed (Via entries) before it counts as a loop.
+#: Hubs a relayed request may have passed (Via entries) before it counts as a
+#: loop, and the longest Via header relayed.
 MAX_VIA_HOPS = 8
+MAX_VIA_BYTES = 1024
 #: TCP keepalive: a peer that vanished without closing (a laptop's lid shut) is
 #: noticed after IDLE + INTERVAL x PROBES seconds of silence, not at a timeout.
 KEEPALIVE_IDLE_S = 10
@@ -1821,9 +1823,10 @@ class BackendFailure(Exception):
 BACKEND_HEADERS = {"Content-Type": "application/json",
                    "Accept": "application/json, text/event-stream"}
 _USAGE_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-#: A Content-Type worth passing to a client: printable ASCII, nothing that
-#: could end the header line or start another.
-_CONTENT_TYPE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,199}\Z")
+#: Header text from a backend or an agent (a Content-Type, a Via) that may go
+#: into a header line as it is: printable ASCII, nothing that could end the
+#: line or start another.
+_HEADER_TEXT = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,%d}\Z" % (MAX_VIA_BYTES - 1))
 
 
 def invalid_answer(message):
@@ -1839,7 +1842,7 @@ def checked_answer_head(status, content_type):
         raise invalid_answer("status %d" % status)
     if content_type is None:
         return "application/json"
-    if not _CONTENT_TYPE.match(content_type):
+    if not _HEADER_TEXT.match(content_type):
         raise invalid_answer("a Content-Type with control characters")
     return content_type
 
@@ -3293,7 +3296,12 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         """The Via header to send on: the hops so far, then this hub. 508 when
         the request already passed through this hub (a participant whose
         endpoint leads back to it) or through too many hubs."""
-        hops = [hop.strip() for hop in self.headers.get("Via", "").split(",") if hop.strip()]
+        received = self.headers.get("Via", "")
+        if received and (len(received) > MAX_VIA_BYTES - 40  # room for this hub's entry
+                         or not _HEADER_TEXT.match(received)):
+            raise ApiError(400, "The Via header must be printable text of at most %d "
+                                "characters" % (MAX_VIA_BYTES - 40), "invalid_request")
+        hops = [hop.strip() for hop in received.split(",") if hop.strip()]
         if any(hop.split()[1:2] == [self.hub.via_name] for hop in hops):
             raise ApiError(508, "Loop detected: this request already passed through this hub. "
                                 "A participant's endpoint leads back to the hub; it must name "
@@ -4771,7 +4779,7 @@ def _get_json(parts, path, timeout):
             return None
         try:
             return json.loads(data.decode("utf-8"))
-        except ValueError:
+        except (ValueError, RecursionError):  # a server's answer is not trusted
             return None
     finally:
         conn.close()
@@ -4973,9 +4981,11 @@ def bearer_header(password):
 
 
 def _json_or_empty(data):
+    """A hub's JSON object answer, or {}: a hub (maybe a rogue one found by
+    mDNS) that answers garbage or absurdly deep JSON gets no traceback."""
     try:
         answer = json.loads(data.decode("utf-8")) if data else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return answer if isinstance(answer, dict) else {}
 
@@ -5437,7 +5447,7 @@ class TunnelJob:
         call_id, path, via = fields.get("requestId"), fields.get("path"), fields.get("via")
         if not isinstance(call_id, str) or not isinstance(path, str) or body is None:
             return None
-        if not isinstance(via, str) or len(via) > 1024 or not _CONTENT_TYPE.match(via):
+        if not isinstance(via, str) or not _HEADER_TEXT.match(via):
             via = None
         return cls(call_id, path, via, fields.get("accept") is True, body)
 
@@ -6071,7 +6081,7 @@ def chat_json(data):
     """The decoded body of a whole answer; GambiarraError unless it is a JSON object."""
     try:
         answer = json.loads(data.decode("utf-8"))
-    except ValueError:  # UnicodeDecodeError included
+    except (ValueError, RecursionError):  # UnicodeDecodeError included
         answer = None
     if not isinstance(answer, dict):
         raise GambiarraError("the answer is unreadable: the hub sent %r, which is not a "
@@ -6425,7 +6435,7 @@ def sse_stream(response):
 def _json_or_text(text):
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 

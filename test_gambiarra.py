@@ -325,6 +325,17 @@ class HubTestCase(unittest.TestCase):
         body.update(extra)
         return self.request("POST", "/rooms/%s/v1/chat/completions" % code, body)
 
+    def keep_busy(self, code, fake):
+        """Join alice with one slot, and fill it with a request her server
+        holds until ``fake.release``; return that request's connection."""
+        self.join(code, fake, maxConcurrent=1)
+        busy = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(busy.close)
+        busy.request("POST", "/rooms/%s/v1/chat/completions" % code, body=json.dumps(
+            {"model": "alice", "fake": {"stall_before": True}}).encode())
+        self.assertTrue(wait_until(lambda: fake.requests))
+        return busy
+
     def open_stream(self, path, body):
         """Send a streaming request; return (connection, response) to read from."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
@@ -747,7 +758,9 @@ class TestBodyLimit(HubTestCase):
 
 # === Relay ===
 
-class TestRelay(HubTestCase):
+class OneParticipantTestCase(HubTestCase):
+    """A room with one direct participant, alice, on a fake backend."""
+
     def setUp(self):
         super().setUp()
         self.code = self.create_room()
@@ -755,6 +768,8 @@ class TestRelay(HubTestCase):
         self.join(self.code, self.fake)
         self.chat_path = "/rooms/%s/v1/chat/completions" % self.code
 
+
+class TestRelay(OneParticipantTestCase):
     def test_non_streaming_answer_is_relayed_with_model_replaced(self):
         status, response, answer = self.chat(self.code, "alice", temperature=0.5,
                                              extra={"kept": [1, "ü"]})
@@ -1010,12 +1025,7 @@ class TestQueueTimeout(HubTestCase):
     def test_waiting_too_long_gives_503_with_retry_after(self):
         code = self.create_room()
         fake = self.backend()
-        self.join(code, fake, maxConcurrent=1)
-        busy = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
-        self.addCleanup(busy.close)
-        busy.request("POST", "/rooms/%s/v1/chat/completions" % code, body=json.dumps(
-            {"model": "alice", "fake": {"stall_before": True}}).encode())
-        self.assertTrue(wait_until(lambda: fake.requests))
+        busy = self.keep_busy(code, fake)
         status, response, answer = self.chat(code, "alice")
         self.assertEqual(status, 503)
         self.assertEqual(answer["error"]["code"], "participants_busy")
@@ -1169,6 +1179,17 @@ class TestBadJson(HubTestCase):
         self.assertEqual(logs.at(logging.ERROR), [])
 
 
+class TestClientsFaceDeepJson(unittest.TestCase):
+    def test_absurdly_deep_json_from_a_hub_or_server_is_no_traceback(self):
+        deep = b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+        self.assertEqual(gambiarra._json_or_empty(deep), {})
+        self.assertEqual(gambiarra._json_or_text(deep.decode()), deep.decode())
+        with self.assertRaises(gambiarra.GambiarraError):
+            gambiarra.chat_json(deep)
+        self.assertIsNone(gambiarra.TunnelJob.parse(b'{"requestId": "x", "path": "/v1/x", '
+                                                    b'"body": ' + deep + b"}"))
+
+
 class RawBackend:
     """A backend that answers with bytes a test writes itself:
     ``answer(request_body)`` returns the bytes to send for each request, or
@@ -1290,19 +1311,12 @@ class TestLyingBackends(HubTestCase):
                          headers=self.secret_header(self.code, "liar"))
 
 
-class TestBigAnswers(HubTestCase):
-    def setUp(self):
-        super().setUp()
-        self.code = self.create_room()
-        self.fake = self.backend()
-        self.join(self.code, self.fake)
-        self.path = "/rooms/%s/v1/chat/completions" % self.code
-
+class TestBigAnswers(OneParticipantTestCase):
     def test_a_sized_answer_is_relayed_as_it_arrives(self):
         size = 8 * MIB
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3)
         self.addCleanup(conn.close)
-        conn.request("POST", self.path, body=json.dumps(
+        conn.request("POST", self.chat_path, body=json.dumps(
             {"model": "alice", "fake": {"sized": size, "stall_mid": True}}).encode())
         response = conn.getresponse()  # the backend holds back its second half (for 10 s)
         self.assertEqual((response.status, response.getheader("Content-Length")),
@@ -1317,7 +1331,7 @@ class TestBigAnswers(HubTestCase):
     def test_a_sized_answer_cut_short_is_short_for_the_client_and_an_error(self):
         events = EventStream(self.port, self.code)
         self.addCleanup(events.close)
-        conn, response = self.open_stream(self.path, {
+        conn, response = self.open_stream(self.chat_path, {
             "model": "alice", "fake": {"sized": 4 * MIB, "cut": MIB}})
         self.assertEqual(response.status, 200)
         with self.assertRaises(http.client.IncompleteRead):
@@ -1350,6 +1364,15 @@ class TestLoops(HubTestCase):
         status, _, answer = self.request("POST", "/rooms/%s/v1/chat/completions" % code,
                                          {"model": "*"}, headers={"Via": via})
         self.assertEqual((status, answer["error"]["code"]), (508, "loop_detected"))
+
+    def test_a_via_header_that_cannot_be_relayed_is_a_400(self):
+        code = self.create_room()
+        logs = CapturedLogs(self, logging.ERROR)
+        for via in ("1.1 a\x01b", "1.1 " + "x" * 2000):
+            status, _, answer = self.request("POST", "/rooms/%s/v1/chat/completions" % code,
+                                             {"model": "*"}, headers={"Via": via})
+            self.assertEqual((status, answer["error"]["code"]), (400, "invalid_request"))
+        self.assertEqual(logs.at(logging.ERROR), [])
 
     def test_the_backend_is_told_the_way_the_request_came(self):
         code = self.create_room()
@@ -1783,12 +1806,7 @@ class TestStrandedRequests(HubTestCase):
     def test_requests_queued_for_a_participant_that_goes_offline_are_answered_at_once(self):
         code = self.create_room()
         fake = self.backend()
-        self.join(code, fake, maxConcurrent=1)
-        busy = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
-        self.addCleanup(busy.close)
-        busy.request("POST", "/rooms/%s/v1/chat/completions" % code, body=json.dumps(
-            {"model": "alice", "fake": {"stall_before": True}}).encode())
-        self.assertTrue(wait_until(lambda: fake.requests))
+        busy = self.keep_busy(code, fake)
         started = time.monotonic()
         status, _, answer = self.chat(code, "alice")  # queued, then alice misses heartbeats
         self.assertEqual((status, answer["error"]["code"]), (503, "participant_offline"))

@@ -5459,10 +5459,15 @@ def still_open(conn):
 
 
 def _pieces_of(response):
-    """The body of an http.client response as the pieces that arrive."""
+    """The body of an http.client response as the pieces that arrive. A body
+    cut short raises IncompleteRead: http.client's read1 ends a Content-Length
+    body that stops early as if it were whole, and the hub must not relay a
+    truncated answer as a complete one."""
     while True:
         data = response.read1(RELAY_READ_BYTES)
         if not data:
+            if not response.chunked and response.length:
+                raise http.client.IncompleteRead(b"", response.length)
             return
         yield data
 

@@ -3811,6 +3811,14 @@ class TestAgent(HubTestCase):
         events = sse_events(first + response.read())
         self.assertEqual([json.loads(d)["seq"] for _, d in events[:-1]], [0, 1, 2])
 
+    def test_a_local_answer_cut_short_is_no_whole_answer(self):
+        self.agent()
+        conn, response = self.open_stream(self.path, {
+            "model": "alice", "fake": {"sized": 4 * MIB, "cut": MIB}})
+        data = response.read()  # chunked through the tunnel: it must end with an error
+        self.assertLess(len(data), 4 * MIB)
+        self.assertIn(b'"code":"backend_disconnected"', data[-300:])
+
     def test_a_client_leaving_closes_the_local_connection(self):
         self.agent()
         conn, response = self.open_stream(self.path, {

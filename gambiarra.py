@@ -1861,7 +1861,10 @@ class StreamStats:
     def saw(self, data, streaming):
         if self.first_byte_at is None:
             self.first_byte_at = time.monotonic()
-        self.tail = (self.tail + data)[-USAGE_TAIL_BYTES:]
+        if len(data) >= USAGE_TAIL_BYTES:  # the common case of big pieces: no copy
+            self.tail = data[-USAGE_TAIL_BYTES:]
+        else:
+            self.tail = (self.tail + data)[-USAGE_TAIL_BYTES:]
         if streaming:
             self.events += data.count(b"data:") - data.count(b"data: [DONE]")
             self.done = self.done or b"data: [DONE]" in self.tail  # even if split across reads
@@ -2502,9 +2505,7 @@ class Relay:
         while True:
             try:
                 data = response.read1(RELAY_READ_BYTES)
-            except BackendFailure as exc:
-                return self._read_failure(exchange, exc)
-            except (http.client.HTTPException, OSError, ValueError) as exc:
+            except (BackendFailure, http.client.HTTPException, OSError, ValueError) as exc:
                 return self._read_failure(exchange, exc)
             if not data and (exchange.aborted or left):  # cut by close(), or short
                 return self._read_failure(exchange, http.client.IncompleteRead(b""))

@@ -4030,7 +4030,7 @@ class TestVanishingAgents(HubTestCase):
 
     def polling(self, code, pid):
         participant = self.hub.registry._rooms[code].participants.get(pid)
-        return participant is not None and getattr(participant, "polls", 1) > 0
+        return participant is not None and participant.polls > 0
 
     def ask(self, code, model, tag, **fake):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)

@@ -256,6 +256,10 @@ MDNS_GOODBYE_GAP_S = 0.1
 MDNS_SHARED_DELAY_S = (0.02, 0.12)
 #: After 15 conflicts in 10 s, wait 5 s before each probe (section 8.1).
 MDNS_CONFLICT_LIMIT, MDNS_CONFLICT_WINDOW_S, MDNS_CONFLICT_PAUSE_S = 15, 10.0, 5.0
+#: A name is given up only when conflicting answers follow this many of the
+#: probes of one series: a genuine owner answers every probe, while one
+#: spoofed packet, or a burst shorter than a probe interval, follows one.
+MDNS_CONFLICT_CONFIRMATIONS = 2
 #: How often the responder rereads the interfaces (and re-announces if they changed).
 MDNS_INTERFACE_REFRESH_S = 30.0
 #: The CLI's search: the longest wait, the query repeated once after 1 s, and
@@ -4256,7 +4260,12 @@ class MdnsResponder:
         self.timings = timings or MdnsTimings()
         self.answers = QueryAnswerer(self.service, group, port, self.timings)
         self.state = "idle"  # -> waiting -> probing -> announced -> closed
+        #: True while probing again for names already announced (section 9):
+        #: they stay ours, and answered, until a conflict is confirmed.
+        self.defending = False
         self._conflicts = collections.deque(maxlen=MDNS_CONFLICT_LIMIT)
+        self._probes_sent = 0
+        self._conflict_probes = {}  # kind of name -> the probes a conflict followed
         self._timers, self._generation = [], 0
         self._sock = self._thread = self._wake_r = self._wake_w = None
         self._closing = threading.Event()
@@ -4273,41 +4282,68 @@ class MdnsResponder:
 
     def answer(self, datagram, source, now=None):
         """The replies owed to one datagram from ``source`` (address, port).
-        Responses are only checked for conflicts with our names."""
+        Responses are only checked for conflicts with our names. Nothing from
+        outside our links counts: multicast never leaves a link, so such a
+        packet is unicast from afar or forged (RFC 6762 section 11)."""
         now = time.monotonic() if now is None else now
         message = decode_message(datagram)
         if message.flags & DNS_OPCODE_MASK or message.flags & 0x000F:
             return []  # RFC 6762 section 18: other opcodes and rcodes are ignored
+        if not self.on_link(source[0]):
+            return []
         if message.flags & DNS_FLAG_RESPONSE:
             self._check_conflicts(message, source, now)
             return []
-        if self.state == "probing" and message.authorities:
+        if self.state == "probing" and not self.defending and message.authorities \
+                and source[1] == self.port:
             self._tiebreak(message, source)
-        if self.state != "announced" or not self.service.links:
+        if not (self.state == "announced" or self.defending) or not self.service.links:
             return []
         return self.answers.replies(message, source, now)
 
-    # conflicts (RFC 6762 sections 8.1 and 9)
+    def on_link(self, address):
+        """True when ``address`` is on the subnet of one of our links."""
+        return any(link_holds(link, address) for link in self.service.links)
+
+    # conflicts (RFC 6762 sections 8.1, 8.2 and 9)
+    #
+    # mDNS has no authentication: anyone on the link can claim any name. What
+    # counts as a genuine claim here: a response (QR), flagged authoritative,
+    # sent from the mDNS port by a source on one of our links, with a unique
+    # (cache-flush) record in its answer section that names our instance (SRV,
+    # TXT) or our host (A, AAAA), with a TTL, and -- unless we are probing for
+    # the first time, when any such record is a claim (section 8.1) -- data
+    # other than ours. That leaves out our own packets looped back (identical
+    # data), known answers in queries, goodbyes, additionals and stray types.
+    # And one claim is not enough: a claim after announcing makes us probe
+    # again, still answering (our announcement defends the name, section 9);
+    # the name changes only when claims follow MDNS_CONFLICT_CONFIRMATIONS
+    # probes of one series, as the answers of a real owner do.
+
+    #: Kind of name -> the record types that claim it.
+    CLAIMS = {"instance": (DNS_SRV, DNS_TXT), "host": (DNS_A, DNS_AAAA)}
 
     def _check_conflicts(self, message, source, now):
-        if self.state not in ("probing", "announced"):
+        if self.state not in ("probing", "announced") or source[1] != self.port \
+                or not message.flags & DNS_FLAG_AUTHORITATIVE:
             return
-        kinds = self.service.name_kinds()
-        conflicting = set()
-        for record in message.answers + message.additionals:
-            kind = kinds.get(record.name.lower())
-            if kind in ("instance", "host") and self._conflicts_with(record):
-                conflicting.add(kind)
-        if conflicting:
-            self._on_conflict(conflicting, source, now)
+        names = self.service.name_kinds()
+        claimed = {names.get(record.name.lower()) for record in message.answers
+                   if self._claims(record, names.get(record.name.lower()))}
+        if not claimed:
+            return
+        if self.state == "announced":
+            self._defend(claimed, source, now)
+        else:
+            self._count_conflict(claimed, source, now)
 
-    def _conflicts_with(self, record):
-        """While probing, any record with our name is someone else's claim; once
-        announced, only one with other data (our own echo is not a conflict).
-        A goodbye (TTL 0) claims nothing."""
-        if record.ttl == 0:
+    def _claims(self, record, kind):
+        """True when ``record`` is someone else's claim on a name of ``kind``."""
+        if record.ttl == 0 or not record.unique or record.type not in self.CLAIMS.get(kind, ()):
             return False
-        return self.state == "probing" or not self.service.owns(record)
+        if self.state == "probing" and not self.defending:
+            return True  # section 8.1: any answer for a name we probe is a conflict
+        return not self.service.owns(record)
 
     def _tiebreak(self, message, source):
         """Another host probes for one of our names while we do (section 8.2):
@@ -4323,16 +4359,41 @@ class MdnsResponder:
                 self._start_probing(self.timings.tiebreak_wait_s)
                 return
 
+    def _defend(self, kinds, source, now):
+        """Someone claims a name we announced: probe again, keeping the name
+        and answering for it, so a forged packet costs us nothing."""
+        self._quiet.warning(("claim", source[0]),
+                            "mDNS: %s claims %s; probing again to defend it (a second hub "
+                            "with that name would make one of the two rename)", source[0],
+                            " and ".join(sorted(kinds)))
+        self.defending = True
+        self._start_probing(self._conflict_delay(now))
+
+    def _count_conflict(self, kinds, source, now):
+        """A claim while we probe: rename once claims followed enough probes."""
+        for kind in kinds:
+            self._conflict_probes.setdefault(kind, set()).add(self._probes_sent)
+        confirmed = {kind for kind, probes in self._conflict_probes.items()
+                     if len(probes) >= MDNS_CONFLICT_CONFIRMATIONS}
+        if confirmed:
+            self._on_conflict(confirmed, source, now)
+
     def _on_conflict(self, kinds, source, now):
-        if self.state == "announced":  # caches drop our old names, on the thread
+        if self.defending:  # caches drop our old names, on the thread
             self._schedule(0, self._send_all, self._goodbye_packets(), lasting=True)
         old, new = self.service.rename(kinds)
         log.warning("mDNS: %s on the network already uses %s; advertising as %s",
                     source[0], old, new)
+        self.defending = False
+        self._start_probing(self._conflict_delay(now))
+
+    def _conflict_delay(self, now):
+        """The wait before probing after a conflict: longer when they pile up
+        (section 8.1: 15 in 10 s)."""
         self._conflicts.append(now)
         crowded = len(self._conflicts) == MDNS_CONFLICT_LIMIT and \
             now - self._conflicts[0] < MDNS_CONFLICT_WINDOW_S
-        self._start_probing(MDNS_CONFLICT_PAUSE_S if crowded else self.timings.probe_interval_s)
+        return MDNS_CONFLICT_PAUSE_S if crowded else self.timings.probe_interval_s
 
     # life cycle, all on the responder's thread
 
@@ -4389,7 +4450,7 @@ class MdnsResponder:
                 if self._sock in ready:
                     self._receive()
                 self._run_due_timers()
-            if self.state == "announced":
+            if self.state == "announced" or self.defending:
                 self._send_goodbyes(MDNS_GOODBYES)
         except Exception:  # a bug must not take the hub down with it
             log.exception("mDNS: the responder stopped")
@@ -4459,7 +4520,9 @@ class MdnsResponder:
     def _start_probing(self, delay_s):
         self._generation += 1
         self.state = "waiting"
-        self._announced_event.clear()
+        self._probes_sent, self._conflict_probes = 0, {}
+        if not self.defending:
+            self._announced_event.clear()
         self._schedule(delay_s, self._probe, 0)
 
     def _probe(self, count):
@@ -4468,6 +4531,7 @@ class MdnsResponder:
         self.state = "probing"
         if count == MDNS_PROBES:
             return self._announce(0)
+        self._probes_sent = count + 1  # claims from now on follow this probe
         for link in self.service.interfaces():
             records = self.service.records(link)
             query = Message(0, 0, [Question(self.service.instance_name, DNS_ANY, True),
@@ -4478,7 +4542,7 @@ class MdnsResponder:
 
     def _announce(self, count):
         if count == 0:
-            self.state = "announced"
+            self.state, self.defending = "announced", False
             log.info("mDNS: announced as %s on %s", self.service.instance,
                      ", ".join("%s (%s)" % (l.name, l.address) for l in self.service.interfaces()))
             self._announced_event.set()
@@ -4597,7 +4661,45 @@ SAFE_URL_PATH = re.compile(r"^/[A-Za-z0-9/._~-]*$")
 
 
 class HubCollector:
-    """Pieces together hubs from the records of any number of responses."""
+    """Pieces together hubs from the records of any number of responses, each
+    machine's apart: what one machine sends -- a goodbye included -- only adds
+    to or takes from what that same machine claimed. Without this, a rogue's
+    goodbye for the real hub left the rogue the only hub to pick (issue 10).
+    A machine is a source address; our own addresses are one machine (a hub
+    here answers over loopback and over the LAN)."""
+
+    def __init__(self, own_addresses=()):
+        self.own_addresses = set(own_addresses)
+        self.machines = {}  # source address, or "this machine" -> MachineClaims
+
+    @property
+    def instances(self):
+        return [key for claims in self.machines.values() for key in claims.instances]
+
+    def add(self, message, source):
+        machine = "this machine" if source[0] in self.own_addresses else source[0]
+        if machine not in self.machines:
+            self.machines[machine] = MachineClaims()
+        self.machines[machine].add(message, source)
+
+    def hubs(self):
+        """Every hub claimed, sorted by name. The same name claimed by two
+        machines gives two entries (unless both lead to the same URL): the
+        caller must not choose between them by itself -- see same_name()."""
+        found = {(hub.name.lower(), hub.url): hub
+                 for claims in self.machines.values() for hub in claims.hubs()}
+        return sorted(found.values(), key=lambda hub: (hub.name.lower(), hub.url))
+
+
+def same_name(hubs):
+    """The names that more than one of ``hubs`` claims: one of them may be
+    pretending to be the other."""
+    counts = collections.Counter(hub.name.lower() for hub in hubs)
+    return sorted({hub.name for hub in hubs if counts[hub.name.lower()] > 1})
+
+
+class MachineClaims:
+    """The hubs one machine claims, pieced together from its records."""
 
     def __init__(self):
         self.instances = {}   # instance name (lower) -> name as sent
@@ -4677,7 +4779,7 @@ class HubSearch:
         self.query_id = random.randint(1, 0xFFFF)
         self.query = encode_message(Message(
             self.query_id, 0, [Question(MDNS_SERVICE_TYPE, DNS_PTR, False)], [], [], []))
-        self.collector = HubCollector()
+        self.collector = HubCollector(link.address for link in links)
         self.asker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.listener = _passive_listener(port, links, group) if listen else None
 
@@ -5745,7 +5847,10 @@ def add_hub_argument(parser):
 
 def find_hub():
     """The hub to use when none is named: the one hub that answers on the
-    local network, else localhost. Notes go to stderr, stdout stays clean."""
+    local network, else localhost. Several hubs -- or one name claimed by two
+    machines, which is what an impostor looks like -- are listed, and the
+    user chooses with --hub: mDNS cannot tell which one is genuine. Notes go
+    to stderr, stdout stays clean."""
     hubs = search_hubs(settle_s=MDNS_BROWSE_SETTLE_S)
     if not hubs:
         print("no hub answered on the local network (mDNS); trying %s (--hub URL or "
@@ -5753,11 +5858,22 @@ def find_hub():
         return DEFAULT_HUB_URL
     if len(hubs) > 1:
         raise GambiarraError("%d hubs answered on the local network; choose one with "
-                             "--hub URL (or set GAMBIARRA_HUB):\n%s" % (
-                                 len(hubs), "\n".join(describe_hub(hub) for hub in hubs)))
+                             "--hub URL (or set GAMBIARRA_HUB):\n%s%s" % (
+                                 len(hubs), "\n".join(describe_hub(hub) for hub in hubs),
+                                 impostor_warning(hubs)))
     print("using hub %s at %s (found by mDNS)" % (printable(hubs[0].name), hubs[0].url),
           file=sys.stderr)
     return hubs[0].url
+
+
+def impostor_warning(hubs):
+    """A line for names claimed by two machines, or ''."""
+    names = same_name(hubs)
+    if not names:
+        return ""
+    return ("\n%s answered from more than one machine: one of them may be pretending to "
+            "be the other. Ask the organiser for the hub's address." % ", ".join(
+                printable(name) for name in names))
 
 
 def describe_hub(hub):
@@ -5785,6 +5901,8 @@ def cmd_discover(args):
         print("no hub answered within %g s; is one running with 'serve --mdns'?" % args.timeout,
               file=sys.stderr)
         return 1
+    if same_name(hubs):
+        print(impostor_warning(hubs).strip(), file=sys.stderr)
     return 0
 
 

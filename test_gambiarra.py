@@ -2773,11 +2773,14 @@ class TestMdnsAnswers(unittest.TestCase):
                                 (("192.0.2.7", 5353), "192.0.2.2"),
                                 (("10.9.200.5", 5353), "10.9.0.1"),
                                 (("127.0.0.1", 5353), "127.0.0.1"),
-                                (("10.9.0.1", 5353), "10.9.0.1"),       # ourselves
-                                (("198.51.100.1", 5353), "192.0.2.2"))):  # off-link
+                                (("10.9.0.1", 5353), "10.9.0.1"))):       # ourselves
             _, message = self.only_reply(dns_query(("gambiarra-pi.local", gambiarra.DNS_A)),
                                          source=source, now=100.0 + 2 * index)
             self.assertEqual([r.data for r in message.answers], [address], source)
+        # Off-link: once answered with the first link's addresses, now ignored
+        # (RFC 6762 section 11; see TestMdnsSpoofing).
+        self.assertEqual(self.answer(dns_query(("gambiarra-pi.local", gambiarra.DNS_A)),
+                                     source=("198.51.100.1", 5353), now=120.0), [])
 
     def test_a_probe_for_our_name_is_answered_at_once(self):
         self.answer(dns_query(("gambiarra-hub-3000." + SERVICE, gambiarra.DNS_ANY)), now=100.0)
@@ -2790,14 +2793,24 @@ class TestMdnsAnswers(unittest.TestCase):
                          [("192.0.2.7", 0), (gambiarra.MDNS_GROUP, 0)])
 
     def test_conflicting_response_renames_and_probes_again(self):
+        """Once one conflicting response renamed us; now it makes us probe again
+        (defending the name), and the name changes only when the claim answers
+        our probes (issue 10: a one-packet spoof renamed the real hub)."""
         theirs = gambiarra.Record("gambiarra-hub-3000." + SERVICE, gambiarra.DNS_SRV, 120,
                                   (0, 0, 3000, "someone-else.local"), True)
         logs = CapturedLogs(self)
+        self.responder._send = lambda packet, destination, link: None  # no socket here
         self.answer(gambiarra.response_packet([theirs], []))
+        self.assertEqual(self.responder.service.instance, "gambiarra-hub-3000")
+        self.assertEqual((self.responder.state, self.responder.defending), ("waiting", True))
+        self.assertEqual(len(self.answer(dns_query((SERVICE, gambiarra.DNS_PTR)))), 1)
+        for count in range(gambiarra.MDNS_CONFLICT_CONFIRMATIONS):  # the owner answers our probes
+            self.responder._probe(count)
+            self.answer(gambiarra.response_packet([theirs], []), now=101.0 + count)
         self.assertEqual(self.responder.service.instance, "gambiarra-hub-3000 (2)")
         self.assertEqual(self.responder.service.host, "gambiarra-pi")  # only the name in conflict
-        self.assertEqual(self.responder.state, "waiting")
-        self.assertIn("advertising as gambiarra-hub-3000 (2)", logs.at(logging.WARNING)[0])
+        self.assertEqual((self.responder.state, self.responder.defending), ("waiting", False))
+        self.assertIn("advertising as gambiarra-hub-3000 (2)", logs.at(logging.WARNING)[-1])
 
     def test_simultaneous_probes_the_later_data_wins(self):
         instance = "gambiarra-hub-3000." + SERVICE
@@ -2940,14 +2953,17 @@ class TestMdnsResponder(MdnsTestCase):
 
     def test_renames_when_another_hub_has_the_name(self):
         logs = CapturedLogs(self)
-        responder = self.responder()
-        responder.start()
-        probe, _ = receive_messages(self.peer, lambda found: any(
-            m.authorities for m in found))  # the first probe: defend the name
+        responder = self.responder(timings={"probe_interval_s": 0.05})
         theirs = gambiarra.Record("gambiarra-hub-3000." + SERVICE, gambiarra.DNS_SRV, 120,
                                   (0, 0, 3000, "elsewhere.local"), True)
-        self.peer.sendto(gambiarra.response_packet([theirs], []),
-                         (gambiarra.MDNS_GROUP, self.mdns_port))
+
+        def defend(query, source):  # like a real owner: every probe is answered
+            if query.authorities and query.questions[0].name.startswith("gambiarra-hub-3000."):
+                yield gambiarra.response_packet([theirs], [])
+        owner = FakeMdnsPeer(self.peer, defend, destination=(gambiarra.MDNS_GROUP,
+                                                             self.mdns_port))
+        self.addCleanup(owner.close)
+        responder.start()
         self.assertTrue(responder.wait_announced(WAIT_S))
         self.assertEqual(responder.service.instance, "gambiarra-hub-3000 (2)")
         self.assertIn("advertising as gambiarra-hub-3000 (2)", logs.at(logging.WARNING)[0])
@@ -3103,10 +3119,13 @@ class TestHubMdns(MdnsTestCase):
 
 class FakeMdnsPeer:
     """Answers every PTR query for our service with ``reply(query, source)``,
-    from the test's mDNS port: stands in for odd or hostile responders."""
+    from the test's mDNS port: stands in for odd or hostile responders. The
+    answers go back to the source, or to ``destination``, from ``sender``
+    (default: the socket that read the query)."""
 
-    def __init__(self, sock, reply):
+    def __init__(self, sock, reply, sender=None, destination=None):
         self.sock, self.reply = sock, reply
+        self.sender, self.destination = sender or sock, destination
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -3119,7 +3138,7 @@ class FakeMdnsPeer:
                 message = gambiarra.decode_message(data)
                 if not message.flags & 0x8000:
                     for packet in self.reply(message, source):
-                        self.sock.sendto(packet, source)
+                        self.sender.sendto(packet, self.destination or source)
 
     def close(self):
         self.stop.set()
@@ -3237,6 +3256,277 @@ class TestDiscovery(MdnsTestCase):
         self.addCleanup(peer.close)
         status, out, _ = self.run_main("discover", "--timeout", "0.5")
         self.assertEqual((status, out), (0, "http://127.0.0.1:1\n"))
+
+
+class TestMdnsSpoofing(unittest.TestCase):
+    """What an attendee's laptop can make the responder do (issue 10, item 5):
+    forged claims on our names, packets from off the link. No sockets."""
+
+    INSTANCE = "gambiarra-hub-3000." + SERVICE
+
+    def setUp(self):
+        self.responder = gambiarra.MdnsResponder(
+            3000, instance="gambiarra-hub-3000", host_label="gambiarra-pi",
+            links=[LOOPBACK, LAN], timings=gambiarra.MdnsTimings(shared_delay_s=(0, 0)))
+        self.responder.state = "announced"
+        self.responder._send = lambda packet, destination, link: None  # no socket here
+        self.logs = CapturedLogs(self)
+
+    def answer(self, datagram, source=("192.0.2.66", 5353), now=100.0):
+        return self.responder.answer(datagram, source, now)
+
+    def claim(self, **changes):
+        record = gambiarra.Record(self.INSTANCE, gambiarra.DNS_SRV, 120,
+                                  (0, 0, 3000, "rogue.local"), True)
+        return record._replace(**changes)
+
+    def assert_untouched(self, what):
+        self.assertEqual((self.responder.state, self.responder.defending,
+                          self.responder.service.instance, self.responder.service.host),
+                         ("announced", False, "gambiarra-hub-3000", "gambiarra-pi"), what)
+
+    def test_what_is_no_claim_leaves_the_name_alone(self):
+        claim = self.claim()
+        cases = {
+            "a query's known answer": dns_query((SERVICE, gambiarra.DNS_PTR), known=[claim]),
+            "not flagged authoritative": gambiarra.encode_message(gambiarra.Message(
+                0, gambiarra.DNS_FLAG_RESPONSE, [], [claim], [], [])),
+            "only in the additional section": gambiarra.response_packet(
+                [self.responder.service.records(LAN)["ptr"]], [claim]),
+            "no cache-flush bit": gambiarra.response_packet([claim._replace(unique=False)], []),
+            "a goodbye": gambiarra.response_packet([claim._replace(ttl=0)], []),
+            "a type that does not claim": gambiarra.response_packet([claim._replace(
+                type=gambiarra.DNS_PTR, data="x.local")], []),
+            "our own record looped back": gambiarra.response_packet(
+                [self.responder.service.records(LAN)["srv"]], []),
+        }
+        for what, datagram in cases.items():
+            self.answer(datagram)
+            self.assert_untouched(what)
+        spoof = gambiarra.response_packet([claim], [])
+        self.answer(spoof, source=("192.0.2.66", 40000))
+        self.assert_untouched("a response from a port other than 5353")
+        self.answer(spoof, source=("198.51.100.7", 5353))
+        self.assert_untouched("a response from off the link")
+
+    def test_one_forged_announcement_is_defended_not_obeyed(self):
+        self.answer(gambiarra.response_packet([self.claim()], []))
+        self.assertEqual(self.responder.service.instance, "gambiarra-hub-3000")
+        self.assertEqual(self.responder.service.renames, 0)
+        self.assertTrue(self.responder.defending)
+        # Still ours while we probe again: queries are answered.
+        self.assertEqual(len(self.answer(dns_query((SERVICE, gambiarra.DNS_PTR)),
+                                         source=("192.0.2.7", 5353), now=101.0)), 1)
+        for count in range(gambiarra.MDNS_PROBES + 1):  # nobody answers our probes
+            self.responder._probe(count)
+        self.assertEqual((self.responder.state, self.responder.defending,
+                          self.responder.service.instance),
+                         ("announced", False, "gambiarra-hub-3000"))
+        self.assertIn("192.0.2.66 claims instance", " ".join(self.logs.at(logging.WARNING)))
+
+    def test_a_burst_within_one_probe_keeps_the_name(self):
+        spoof = gambiarra.response_packet([self.claim(), gambiarra.Record(
+            "gambiarra-pi.local", gambiarra.DNS_A, 120, "192.0.2.66", True)], [])
+        for index in range(20):  # before our first probe: ignored (section 8.1)
+            self.answer(spoof, now=100.0 + index / 1000)
+        self.responder._probe(0)
+        for index in range(20):  # all after the same probe: one confirmation only
+            self.answer(spoof, now=100.3 + index / 1000)
+        for count in range(1, gambiarra.MDNS_PROBES + 1):
+            self.responder._probe(count)
+        self.assertEqual((self.responder.state, self.responder.service.instance,
+                          self.responder.service.host),
+                         ("announced", "gambiarra-hub-3000", "gambiarra-pi"))
+
+    def test_one_spoofed_answer_to_our_first_probe_renames_nothing(self):
+        self.responder.state = "idle"
+        self.responder._start_probing(0)
+        self.responder._probe(0)
+        self.answer(gambiarra.response_packet([self.claim()], []))
+        for count in range(1, gambiarra.MDNS_PROBES + 1):
+            self.responder._probe(count)
+        self.assertEqual((self.responder.state, self.responder.service.instance),
+                         ("announced", "gambiarra-hub-3000"))
+
+    def test_queries_from_off_the_link_are_ignored(self):
+        ptr = (SERVICE, gambiarra.DNS_PTR)
+        for source in (("198.51.100.7", 5353), ("198.51.100.7", 40000), ("203.0.113.9", 53)):
+            for query in (dns_query(ptr), dns_query(ptr + (True,)), dns_query(ptr, ident=7)):
+                self.assertEqual(self.answer(query, source=source), [], source)
+        self.assertTrue(self.answer(dns_query(ptr, ident=7), source=("192.0.2.66", 40000)))
+
+    def test_a_probe_from_off_the_link_or_another_port_never_makes_us_wait(self):
+        self.responder.state = "probing"
+        later = self.claim(data=(0, 0, 9999, "gambiarra-pi.local"))  # would win the tiebreak
+        probe = dns_query((self.INSTANCE, gambiarra.DNS_ANY, True), authorities=[later])
+        for source in (("198.51.100.7", 5353), ("192.0.2.66", 40000)):
+            self.answer(probe, source=source)
+            self.assertEqual(self.responder.state, "probing", source)
+        self.answer(probe)
+        self.assertEqual(self.responder.state, "waiting")  # on the link, from 5353: it counts
+
+
+def hub_records(name, target, address, port=3000, ttl=120):
+    """What a hub announces: PTR, SRV, TXT and its address."""
+    instance = name + "." + SERVICE
+    return [gambiarra.Record(SERVICE, gambiarra.DNS_PTR, ttl, instance, False),
+            gambiarra.Record(instance, gambiarra.DNS_SRV, ttl, (0, 0, port, target), True),
+            gambiarra.Record(instance, gambiarra.DNS_TXT, ttl, (b"path=/",), True),
+            gambiarra.Record(target, gambiarra.DNS_A, ttl, address, True)]
+
+
+class RecordingHub(http.server.ThreadingHTTPServer):
+    """A rogue's hub: lists one room and notes every request's Authorization."""
+
+    daemon_threads = True
+
+    def __init__(self, host):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(handler):
+                self.seen.append((handler.path, handler.headers.get("Authorization")))
+                body = json.dumps({"rooms": [{"code": "ROGUE1", "name": "Free GPUs",
+                                              "participantCount": 1}],
+                                   "participants": []}).encode()
+                handler.send_response(200)
+                handler.send_header("Content-Type", "application/json")
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+
+            def log_message(handler, *args):
+                pass
+        self.seen = []
+        super().__init__((host, 0), Handler)
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+        self.thread.join(WAIT_S)
+
+
+class RogueMdnsPeer:
+    """An attendee's laptop at 127.0.0.2: to the asker of a one-shot query,
+    and to the group from the mDNS port, it sends ``packets(query)`` every
+    20 ms for most of a search, so that some come after the real hub's answers."""
+
+    def __init__(self, listen, packets, copies=40, gap_s=0.02):
+        self.listen, self.packets, self.copies, self.gap_s = listen, packets, copies, gap_s
+        self.group = (gambiarra.MDNS_GROUP, listen.getsockname()[1])
+        self.sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sender.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            with contextlib.suppress(OSError):
+                self.sender.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                               socket.inet_aton("127.0.0.1"))
+        try:
+            self.sender.bind(("127.0.0.2", self.group[1]))
+        except OSError as exc:
+            self.sender.close()
+            raise unittest.SkipTest("no 127.0.0.2 on this host: %s" % exc)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        asker, left, next_at = None, 0, 0
+        while not self.stop.is_set():
+            if select.select([self.listen], [], [], self.gap_s)[0]:
+                data, source = self.listen.recvfrom(65536)
+                with contextlib.suppress(gambiarra.MdnsDecodeError):
+                    message = gambiarra.decode_message(data)
+                    if not message.flags & 0x8000 and message.id:  # a one-shot query
+                        asker, left = (source, message), self.copies
+            if asker and left and time.monotonic() >= next_at:
+                left, next_at = left - 1, time.monotonic() + self.gap_s
+                for packet in self.packets(asker[1]):
+                    self.sender.sendto(packet, asker[0])
+                    self.sender.sendto(packet, self.group)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(WAIT_S)
+        self.sender.close()
+
+
+class TestDiscoveryTrust(MdnsTestCase):
+    """A rogue on the link cannot make the CLI pick it over the real hub
+    (issue 10: a rogue's goodbye made 5 of 5 `list` runs call the rogue)."""
+
+    run_main, hub = TestDiscovery.run_main, TestDiscovery.hub
+
+    def test_a_goodbye_counts_only_from_the_machine_that_sent_the_hub(self):
+        collector = gambiarra.HubCollector()
+        real = hub_records("gambiarra-hub-3000", "pi.local", "192.0.2.2")
+        collector.add(gambiarra.Message(0, 0x8400, [], real, [], []), ("192.0.2.2", 5353))
+        forged = [r._replace(ttl=0) for r in real] + hub_records(
+            "free-gpus", "rogue.local", "192.0.2.66")
+        collector.add(gambiarra.Message(0, 0x8400, [], forged, [], []), ("192.0.2.66", 5353))
+        self.assertEqual([hub.url for hub in collector.hubs()],
+                         ["http://192.0.2.66:3000", "http://192.0.2.2:3000"])
+        goodbye = [r._replace(ttl=0) for r in real]  # from the hub itself: it leaves
+        collector.add(gambiarra.Message(0, 0x8400, [], goodbye, [], []), ("192.0.2.2", 5353))
+        self.assertEqual([hub.name for hub in collector.hubs()], ["free-gpus"])
+
+    def test_records_of_one_machine_never_change_another_machines_hub(self):
+        collector = gambiarra.HubCollector()
+        real = hub_records("gambiarra-hub-3000", "pi.local", "192.0.2.2")
+        collector.add(gambiarra.Message(0, 0x8400, [], real, [], []), ("192.0.2.2", 5353))
+        # The same name, the same host name, another address and port.
+        copy = hub_records("gambiarra-hub-3000", "pi.local", "192.0.2.66", port=4000)
+        collector.add(gambiarra.Message(0, 0x8400, [], copy, [], []), ("192.0.2.66", 5353))
+        hubs = collector.hubs()
+        self.assertEqual([hub.url for hub in hubs],
+                         ["http://192.0.2.2:3000", "http://192.0.2.66:4000"])
+        self.assertEqual(gambiarra.same_name(hubs), ["gambiarra-hub-3000"])
+        # An exact copy from elsewhere names the machine that sent it, too.
+        collector = gambiarra.HubCollector()
+        for source in ("192.0.2.2", "192.0.2.66"):
+            collector.add(gambiarra.Message(0, 0x8400, [], real, [], []), (source, 5353))
+        self.assertEqual([hub.url for hub in collector.hubs()],
+                         ["http://192.0.2.2:3000", "http://192.0.2.66:3000"])
+
+    def rogue(self, hub, rogue_name):
+        """A rogue peer and its hub; what the rogue sends: a goodbye for the
+        real hub, then a hub of its own named ``rogue_name``."""
+        rogue_hub = RecordingHub("127.0.0.2")
+        self.addCleanup(rogue_hub.close)
+        real = "gambiarra-hub-%d" % hub.port
+
+        def packets(query):
+            goodbye = [r._replace(ttl=0) for r in hub_records(real, "gambiarra-test.local",
+                                                              "127.0.0.1", hub.port)]
+            own = hub_records(rogue_name or real, "rogue.local", "127.0.0.2",
+                              rogue_hub.server_address[1])
+            yield gambiarra.encode_message(gambiarra.Message(query.id, 0x8400, query.questions,
+                                                             goodbye + own, [], []))
+        peer = RogueMdnsPeer(self.peer, packets)
+        self.addCleanup(peer.close)
+        return rogue_hub
+
+    def test_a_rogues_goodbye_for_the_real_hub_is_ignored(self):
+        hub = self.hub()
+        rogue_hub = self.rogue(hub, "free-gpus")
+        status, out, err = self.run_main("list", "--password", "secret")
+        self.assertEqual((status, out), (1, ""), err)
+        self.assertIn("2 hubs answered", err)
+        self.assertIn(hub.url, err)
+        self.assertEqual(rogue_hub.seen, [])  # never called, never told the password
+
+    def test_the_real_hubs_name_from_a_second_machine_is_refused(self):
+        hub = self.hub()
+        rogue_hub = self.rogue(hub, None)
+        status, out, err = self.run_main("list", "--password", "secret")
+        self.assertEqual((status, out), (1, ""), err)
+        self.assertIn("gambiarra-hub-%d answered from more than one machine" % hub.port, err)
+        self.assertIn(hub.url, err)
+        self.assertEqual(rogue_hub.seen, [])
+        status, out, err = self.run_main("discover", "--timeout", "0.5")
+        self.assertEqual(status, 0)
+        self.assertIn(hub.url, out.splitlines())
+        self.assertIn("more than one machine", err)
 
 
 # === Command line ===

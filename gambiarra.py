@@ -74,6 +74,7 @@ import collections
 import contextlib
 import email.utils
 import errno
+import getpass
 import hashlib
 import heapq
 import hmac
@@ -109,6 +110,11 @@ DEFAULT_HOST = "0.0.0.0"
 EVERY_INTERFACE = ("", "0.0.0.0", "::")
 DEFAULT_PORT = 3000
 DEFAULT_HUB_URL = "http://localhost:3000"
+#: Where client commands read a room's password when --password has no value.
+PASSWORD_VARIABLE = "GAMBIARRA_PASSWORD"
+#: --password alone, or "--password -": ask for it (getpass) on a terminal,
+#: else read one line of stdin. Never in the command line, so never in `ps`.
+PASSWORD_FROM_INPUT = "-"
 
 #: Largest request body the hub reads (the OpenAI API has no fixed limit;
 #: 32 MiB fits long chats with images).
@@ -5579,7 +5585,7 @@ def _pieces_of(response):
 
 EPILOG_JOIN = """examples:
   python3 gambiarra.py join XK7P2M --hub http://192.168.1.20:3000   # finds Ollama & co.
-  python3 gambiarra.py join XK7P2M --model llama3 --password 'correct horse'
+  python3 gambiarra.py join XK7P2M --model llama3 --password   # asks for the password
   python3 gambiarra.py join XK7P2M --direct --endpoint http://192.168.1.50:11434
 
 By default the hub reaches your server through a tunnel that this command keeps
@@ -5597,19 +5603,19 @@ EPILOG_SERVE = """examples:
 
 EPILOG_CREATE = """examples:
   python3 gambiarra.py create "Hackathon" --hub http://192.168.1.20:3000
-  python3 gambiarra.py create "Lab" --password 'correct horse'   # a protected room
+  python3 gambiarra.py create "Lab" --password   # a protected room: asks for its password
   python3 gambiarra.py create --json                            # the hub's whole answer
 """
 
 EPILOG_LIST = """examples:
   python3 gambiarra.py list --hub http://192.168.1.20:3000
-  python3 gambiarra.py list --password 'correct horse'   # also shows a protected room
+  python3 gambiarra.py list --password   # asks, then also shows protected rooms
   python3 gambiarra.py list --json | jq '.rooms[].participants'
 """
 
 EPILOG_CHAT = """examples:
   python3 gambiarra.py chat XK7P2M "Say hello in Portuguese"
-  python3 gambiarra.py chat XK7P2M "2+2?" --model llama3 --password 'correct horse'
+  python3 gambiarra.py chat XK7P2M "2+2?" --model llama3 --password -   # asks for it
   python3 gambiarra.py chat XK7P2M "hi" --json      # {"model": ..., "content": ...}
 
 Exits 1 with one line on stderr when the room is unknown, the password is wrong,
@@ -5732,8 +5738,11 @@ def build_parser():
         commands, "create", help="create a room", epilog=EPILOG_CREATE,
         description="Create a room on a hub and print its code.")
     create.add_argument("name", nargs="?", default=None, help="room name")
-    create.add_argument("--password", default=None,
-                        help="protect the room: joining and using it will need this password")
+    add_password_argument(create, help=(
+        "protect the room: joining and using it will need this password. --password alone "
+        "(or '-') asks for it twice on a terminal and reads a line of stdin otherwise; "
+        "without the option, $%s is used if set. --password VALUE works too, but every "
+        "user of this machine can read it in 'ps'." % PASSWORD_VARIABLE))
     add_hub_argument(create)
     create.add_argument("--json", action="store_true", help="print the hub's answer as JSON")
     create.set_defaults(func=cmd_create)
@@ -5823,8 +5832,8 @@ def add_join_parser(commands):
                            "127.0.0.1 ports 11434, 1234, 8080, 8000)")
     join.add_argument("--nickname", default=default_nickname(),
                       help="name shown in the room (default: %(default)s)")
-    join.add_argument("--password", default=os.environ.get("GAMBIARRA_PASSWORD"),
-                      help="the room's password (default: $GAMBIARRA_PASSWORD)")
+    add_password_argument(join, extra=" join runs for hours, and Python cannot blank its "
+                                      "own command line: prefer the variable or the prompt.")
     join.add_argument("--direct", action="store_true",
                       help="let the hub call --endpoint itself instead of the tunnel "
                            "(the endpoint must be reachable from the hub)")
@@ -6066,9 +6075,48 @@ def error_message(answer):
     return error or "no reason given"
 
 
-def add_password_argument(parser):
-    parser.add_argument("--password", default=os.environ.get("GAMBIARRA_PASSWORD"),
-                        help="the room's password (default: $GAMBIARRA_PASSWORD)")
+PASSWORD_HELP = (
+    "the room's password: --password alone (or '-') asks for it on a terminal and reads "
+    "a line of stdin otherwise; without the option, $%s is used. --password VALUE works "
+    "too, but every user of this machine can read it in 'ps' while the command runs."
+    % PASSWORD_VARIABLE)
+
+
+def add_password_argument(parser, help=PASSWORD_HELP, extra=""):
+    parser.add_argument("--password", nargs="?", const=PASSWORD_FROM_INPUT, default=None,
+                        metavar="PASSWORD", help=help + extra)
+
+
+def resolve_password(args):
+    """The password the command was given, and where it came from: the
+    option's value, a prompt or stdin (--password alone or '-'), or
+    $GAMBIARRA_PASSWORD; (None, None) when there is none."""
+    if args.password is None:
+        value = os.environ.get(PASSWORD_VARIABLE) or None
+        return value, "environment" if value else None
+    if args.password != PASSWORD_FROM_INPUT:
+        return args.password, "option"
+    value = read_password("Password for the new room: " if args.command == "create"
+                          else "Room password: ", confirm=args.command == "create")
+    return value, "input" if value else None
+
+
+def can_prompt():
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def read_password(prompt, confirm=False):
+    """Ask on the terminal without echo (getpass), or read one line of stdin
+    when it is not a terminal (a pipe from a password manager)."""
+    if not can_prompt():
+        return (sys.stdin.readline() if sys.stdin else "").rstrip("\r\n") or None
+    try:
+        password = getpass.getpass(prompt)
+        if confirm and password and getpass.getpass("Again: ") != password:
+            raise GambiarraError("the two passwords differ; nothing was changed")
+    except EOFError:
+        return None
+    return password or None
 
 
 def cmd_create(args):
@@ -6076,6 +6124,9 @@ def cmd_create(args):
     body = {"name": name}
     if args.password:
         body["password"] = args.password
+    if getattr(args, "password_source", None) == "environment":
+        print("protecting the room with the password in $%s" % PASSWORD_VARIABLE,
+              file=sys.stderr)
     answer = hub_request(args.hub, "POST", "/rooms", body)
     room = answer["room"]
     if args.json:
@@ -6147,6 +6198,11 @@ def cmd_chat(args):
     conn = client.connection(timeout=CHAT_TIMEOUT_S)
     try:
         response = open_chat(client, conn, path, body, args.password)
+        if response.status == 401 and args.password is None and can_prompt():
+            response.read()  # a protected room: ask once, on the terminal
+            conn.close()
+            args.password = read_password("Room %s needs a password: " % printable(args.code))
+            response = open_chat(client, conn, path, body, args.password)
         model, content = read_chat_answer(args, response)
     finally:
         conn.close()
@@ -6647,6 +6703,8 @@ def main(argv=None):
     """Run the command line; returns the exit status (0, 1, 2 or 130)."""
     args = build_parser().parse_args(argv)
     try:
+        if "password" in vars(args):  # before the search: nobody waits at a prompt for it
+            args.password, args.password_source = resolve_password(args)
         if "hub" in vars(args) and args.hub is None:
             args.hub = os.environ.get("GAMBIARRA_HUB") or find_hub()
         return args.func(args)

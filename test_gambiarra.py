@@ -3532,10 +3532,13 @@ class TestDiscoveryTrust(MdnsTestCase):
 # === Command line ===
 
 class TestCli(unittest.TestCase):
-    def run_main(self, *argv):
-        """main(argv) in-process: (exit status, stdout, stderr)."""
+    def run_main(self, *argv, stdin=""):
+        """main(argv) in-process: (exit status, stdout, stderr). ``stdin`` is
+        text, or a TerminalInput; never the real one, so nothing waits at a prompt."""
         out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        stdin = io.StringIO(stdin) if isinstance(stdin, str) else stdin
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                unittest.mock.patch.object(sys, "stdin", stdin):
             try:
                 status = gambiarra.main(list(argv))
             except SystemExit as exc:  # argparse: --help, --version, usage errors
@@ -3845,6 +3848,137 @@ class TestClientCommands(HubTestCase):
             self.assertEqual((status, out), (1, ""), err)
             self.assertEqual(len(err.strip().splitlines()), 1, err)
             self.assertIn(expected, err)
+
+
+class TerminalInput(io.StringIO):
+    """A stdin that says it is a terminal; getpass is patched beside it."""
+
+    def isatty(self):
+        return True
+
+
+class TestPasswordInput(HubTestCase):
+    """Passwords without `ps` seeing them (issue 10, item 5): the variable,
+    --password alone (a prompt on a terminal, a line of stdin otherwise), and a
+    401 in chat that asks once."""
+
+    run_main = TestCli.run_main
+    join_both = TestClientCommands.join_both
+
+    def setUp(self):
+        super().setUp()
+        saved = os.environ.pop("GAMBIARRA_PASSWORD", None)  # a developer's own must not leak in
+        if saved is not None:
+            self.addCleanup(os.environ.__setitem__, "GAMBIARRA_PASSWORD", saved)
+        self.code = self.create_room("Open")
+        self.locked = self.request("POST", "/rooms", {"name": "Lab", "password": PASSWORD}
+                                   )[2]["room"]["code"]
+        self.fake = self.backend()
+
+    def test_environment_variable_for_every_command(self):
+        self.join_both()
+        with unittest.mock.patch.dict(os.environ, {"GAMBIARRA_PASSWORD": PASSWORD}):
+            status, out, _ = self.run_main("list", "--hub", self.hub.url)
+            self.assertRegex(out, r"bob +Bob +fake-model +online")
+            status, out, _ = self.run_main("chat", self.locked, "hi", "--model", "bob",
+                                           "--hub", self.hub.url)
+            self.assertEqual((status, out), (0, "tok0 tok1 tok2 \n"))
+            status, out, err = self.run_main("create", "Env", "--hub", self.hub.url)
+        self.assertEqual(status, 0, err)
+        self.assertIn("password in $GAMBIARRA_PASSWORD", err)
+        status, _, _ = self.request("GET", "/rooms/%s/participants" % out.strip())
+        self.assertEqual(status, 401)  # the room is protected by it
+
+    def prompted(self, *argv, answers=(PASSWORD,)):
+        asked = []
+
+        def fake_getpass(prompt):
+            asked.append(prompt)
+            return answers[len(asked) - 1]
+        with unittest.mock.patch.object(gambiarra.getpass, "getpass", fake_getpass):
+            result = self.run_main(*argv, stdin=TerminalInput())
+        return result, asked
+
+    def test_password_alone_asks_on_a_terminal(self):
+        self.join_both()
+        (status, out, _), asked = self.prompted("list", "--hub", self.hub.url, "--password")
+        self.assertEqual((status, asked), (0, ["Room password: "]))
+        self.assertRegex(out, r"bob +Bob +fake-model +online")
+        (status, out, _), asked = self.prompted("chat", self.locked, "hi", "--model", "bob",
+                                                "--hub", self.hub.url, "--password", "-")
+        self.assertEqual((status, out, len(asked)), (0, "tok0 tok1 tok2 \n", 1))
+
+    def test_password_alone_reads_a_line_of_stdin_otherwise(self):
+        self.join_both()
+        status, out, _ = self.run_main("list", "--hub", self.hub.url, "--password", "-",
+                                       stdin=PASSWORD + "\n")
+        self.assertRegex(out, r"bob +Bob +fake-model +online")
+
+    def test_create_asks_twice(self):
+        (status, out, err), asked = self.prompted("create", "Asked", "--hub", self.hub.url,
+                                                  "--password", answers=(PASSWORD, PASSWORD))
+        self.assertEqual((status, len(asked)), (0, 2), err)
+        code = out.strip()
+        self.assertEqual(self.request("GET", "/rooms/%s/participants" % code)[0], 401)
+        self.assertEqual(self.request("GET", "/rooms/%s/participants" % code,
+                                      headers=bearer(PASSWORD))[0], 200)
+        rooms = len(self.request("GET", "/rooms")[2]["rooms"])
+        (status, _, err), _ = self.prompted("create", "Typo", "--hub", self.hub.url,
+                                            "--password", answers=(PASSWORD, "typo"))
+        self.assertEqual(status, 1)
+        self.assertIn("the two passwords differ", err)
+        self.assertEqual(len(self.request("GET", "/rooms")[2]["rooms"]), rooms)
+
+    def test_chat_asks_once_when_a_room_wants_a_password(self):
+        self.join_both()
+        (status, out, err), asked = self.prompted("chat", self.locked, "hi", "--model", "bob",
+                                                  "--hub", self.hub.url)
+        self.assertEqual((status, out, asked), (0, "tok0 tok1 tok2 \n",
+                                                ["Room %s needs a password: " % self.locked]))
+        (status, _, err), asked = self.prompted("chat", self.locked, "hi", "--hub",
+                                                self.hub.url, answers=("wrong",))
+        self.assertEqual((status, len(asked)), (1, 1))  # asked once, then the usual error
+        self.assertIn("Invalid password", err)
+        status, _, err = self.run_main("chat", self.locked, "hi", "--hub", self.hub.url)
+        self.assertEqual(status, 1)  # not a terminal: no prompt, the usual hint
+        self.assertIn("--password", err)
+
+    @unittest.skipUnless(hasattr(os, "openpty") and sys.platform.startswith("linux"),
+                         "needs a pseudo-terminal")
+    def test_a_real_terminal_prompt_does_not_echo(self):
+        self.join_both()
+        master, slave = os.openpty()
+        self.addCleanup(os.close, master)
+        code = ("import fcntl, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                "sys.path.insert(0, %r); import gambiarra; "
+                "sys.exit(gambiarra.main(sys.argv[1:]))" % HERE)
+        env = dict(os.environ)
+        env.pop("GAMBIARRA_PASSWORD", None)
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, "list", "--hub", self.hub.url, "--password"],
+            stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=env)
+        os.close(slave)
+        self.addCleanup(process.wait, WAIT_S)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        seen, sent = b"", False
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], deadline - time.monotonic())[0]:
+                break
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            seen += data
+            if not sent and b"Room password: " in seen:
+                os.write(master, PASSWORD.encode() + b"\n")
+                sent = True
+        self.assertEqual(process.wait(WAIT_S), 0, seen)
+        self.assertTrue(sent, seen)
+        self.assertIn(b"bob", seen)
+        self.assertNotIn(PASSWORD.encode(), seen)  # typed, never echoed
 
 
 class CannedHub:

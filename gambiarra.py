@@ -4368,10 +4368,11 @@ class MdnsResponder:
     def _defend(self, kinds, source, now):
         """Someone claims a name we announced: probe again, keeping the name
         and answering for it, so a forged packet costs us nothing."""
+        names = {"instance": self.service.instance, "host": self.service.host_name}
         self._quiet.warning(("claim", source[0]),
                             "mDNS: %s claims %s; probing again to defend it (a second hub "
                             "with that name would make one of the two rename)", source[0],
-                            " and ".join(sorted(kinds)))
+                            " and ".join(names[kind] for kind in sorted(kinds)))
         self.defending = True
         self._start_probing(self._conflict_delay(now))
 

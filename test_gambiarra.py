@@ -3322,7 +3322,7 @@ class TestMdnsSpoofing(unittest.TestCase):
         self.assertEqual((self.responder.state, self.responder.defending,
                           self.responder.service.instance),
                          ("announced", False, "gambiarra-hub-3000"))
-        self.assertIn("192.0.2.66 claims instance", " ".join(self.logs.at(logging.WARNING)))
+        self.assertIn("192.0.2.66 claims gambiarra-hub-3000;", " ".join(self.logs.at(logging.WARNING)))
 
     def test_a_burst_within_one_probe_keeps_the_name(self):
         spoof = gambiarra.response_packet([self.claim(), gambiarra.Record(

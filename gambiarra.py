@@ -2950,7 +2950,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         never pages of the internet."""
         if self.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
             raise ApiError(403, "This hub does not answer web pages of public sites (Private "
-                                "Network Access); use its own page or an app on this network",
+                                "Network Access); use a page or an app served from this network",
                            "private_network_refused")
         headers = list(CORS_HEADERS[1:])
         requested = self.headers.get("Access-Control-Request-Headers", "").strip()

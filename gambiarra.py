@@ -2946,8 +2946,8 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         """Answer a CORS preflight: any origin, the hub's methods, and the
         headers asked for. A Private Network Access preflight (Chrome asks
         one before a page of a public web site reaches a private address) is
-        refused: a hub on a LAN serves its own page and apps on its network,
-        never pages of the internet."""
+        refused: a hub on a LAN serves apps of its own network, never pages of
+        the internet."""
         if self.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
             raise ApiError(403, "This hub does not answer web pages of public sites (Private "
                                 "Network Access); use a page or an app served from this network",

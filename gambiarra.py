@@ -158,6 +158,11 @@ TUNNEL_LISTEN_MARGIN_S = 5.0
 #: Answer pieces (up to RELAY_READ_BYTES each) held per tunnelled request; past
 #: that, the agent's upload waits for the client to read.
 TUNNEL_PIECES = 64
+#: The only paths the hub relays to a participant's server (always as POST),
+#: and so the only ones a participant's agent forwards to its local server:
+#: a hub (or a rogue one found by mDNS) must not make it pull models, delete
+#: them or read anything else there.
+RELAYED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 #: Interim (1xx) answers skipped before a backend's final one; more is a broken backend.
 MAX_INTERIM_ANSWERS = 8
 #: Answers without framing up to this size are sent whole, in one write; larger
@@ -212,6 +217,24 @@ PBKDF2_ITERATIONS = 100000
 #: Checked passwords remembered per room (as keyed digests, in memory only),
 #: so Bearer tokens on every request cost a HMAC instead of a scrypt.
 PASSWORD_CACHE_ENTRIES = 64
+#: Password hashes computed at once, hub-wide (serve --max-password-checks):
+#: each scrypt takes 4 MiB and a core for 10-40 ms, so a burst of guesses must
+#: queue, not run side by side. A check waits this long for its turn, then 503.
+DEFAULT_MAX_PASSWORD_CHECKS = 2
+PASSWORD_CHECK_WAIT_S = 5.0
+#: Wrong passwords from one client address within the window before its
+#: checks are refused (429, without hashing) for the penalty; each further
+#: wrong one doubles the penalty, up to the max (serve --password-failures).
+#: An address is forgiven after a right password, or after FORGIVE_S without
+#: a wrong one.
+DEFAULT_PASSWORD_FAILURES = 5
+PASSWORD_FAILURE_WINDOW_S = 60.0
+PASSWORD_PENALTY_S = 5.0
+PASSWORD_PENALTY_MAX_S = 300.0
+PASSWORD_FORGIVE_S = 900.0
+#: Client addresses whose wrong passwords are remembered; the least recently
+#: failing is forgotten first.
+PASSWORD_ADDRESSES = 4096
 
 #: Room codes: 6 characters without look-alikes (0/O, 1/I/L), upper case.
 ROOM_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
@@ -227,6 +250,16 @@ CORS_HEADERS = (
     ("Access-Control-Allow-Headers", "Content-Type, Authorization, X-Gambiarra-Secret"),
     ("Access-Control-Max-Age", "86400"),
 )
+#: A preflight's Access-Control-Request-Headers that the hub allows by echoing
+#: them (OpenAI's JavaScript SDK adds its own X-Stainless-* headers): header
+#: names, comma-separated, nothing else.
+_REQUESTED_HEADERS = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*\Z")
+#: Content types a web page may POST to any site without a CORS preflight (the
+#: "CORS-safelisted" ones of the Fetch standard): with them, any page an
+#: attendee opens could create rooms or join participants through her browser.
+#: The hub refuses them (415), and bodies with no Content-Type at all.
+SIMPLE_CONTENT_TYPES = ("text/plain", "application/x-www-form-urlencoded",
+                        "multipart/form-data")
 
 #: OpenAI error "type" by HTTP status, for errors on /v1/* routes.
 OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error",
@@ -304,13 +337,40 @@ def now_ms():
     return int(time.time() * 1000)
 
 
+#: What printable() escapes: C0 controls (ESC, CR, LF...), DEL and C1 controls
+#: (CSI, OSC as one byte), as \xNN; and the bidirectional overrides and
+#: isolates, as \uNNNN, which make a terminal show text in another order
+#: than it is (the "Trojan Source" trick).
 _CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + list(range(127, 160))}
+_CONTROL_ESCAPES.update({c: "\\u%04x" % c for c in list(range(0x202A, 0x202F))
+                         + list(range(0x2066, 0x206A))})
+#: The same, but newlines and tabs pass: for text meant to span lines (a chat answer).
+_TEXT_ESCAPES = {c: escape for c, escape in _CONTROL_ESCAPES.items() if c not in (9, 10)}
 
 
-def printable(text):
-    """``text`` with control characters escaped, for log lines: a name sent by a
-    client must not forge log lines or drive the terminal."""
-    return str(text).translate(_CONTROL_ESCAPES)
+def printable(text, lines=False):
+    """``text`` with control characters escaped, visibly (``\\x1b``): the one
+    way a string from the network (a name, a model, an error message, an
+    answer) reaches a terminal or a log line, so that it cannot forge lines
+    or drive the terminal (move the cursor, set the title, write the
+    clipboard). ``lines`` keeps newlines and tabs."""
+    return str(text).translate(_TEXT_ESCAPES if lines else _CONTROL_ESCAPES)
+
+
+class PrintableLog(logging.Filter):
+    """Escapes every message of the gambiarra logger with printable(): a
+    nickname, a model or a path sent by anyone must not drive the terminal
+    of whoever reads the hub's (or the agent's) log, nor forge its lines."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        escaped = printable(message)
+        if escaped != message:
+            record.msg, record.args = escaped, ()
+        return True
+
+
+log.addFilter(PrintableLog())
 
 
 def json_bytes(obj):
@@ -614,6 +674,97 @@ def password_matches(password_bytes, stored):
     return hmac.compare_digest(candidate, digest)
 
 
+class Strikes:
+    """The recent wrong passwords of one client address."""
+
+    __slots__ = ("recent", "penalty_s", "blocked_until", "last_failure")
+
+    def __init__(self):
+        self.recent = collections.deque()  # times of wrong passwords before a penalty
+        self.penalty_s = 0.0  # the last penalty given; 0 while there was none
+        self.blocked_until = self.last_failure = 0.0
+
+
+class PasswordGuard:
+    """Keeps password guessing cheap for the hub and slow for the guesser.
+
+    At most ``max_checks`` password hashes run at once, hub-wide; a check
+    waits ``wait_s`` for its turn, then gets 503. An address that sent
+    ``failures`` wrong passwords within PASSWORD_FAILURE_WINDOW_S gets 429
+    with Retry-After, without any hashing, for PASSWORD_PENALTY_S, doubled at
+    each further wrong password up to PASSWORD_PENALTY_MAX_S. ``_lock`` guards
+    ``_strikes`` (address -> Strikes, least recently failing first, at most
+    ``addresses`` of them); the semaphore counts the checks running.
+    """
+
+    def __init__(self, max_checks=DEFAULT_MAX_PASSWORD_CHECKS,
+                 failures=DEFAULT_PASSWORD_FAILURES, wait_s=PASSWORD_CHECK_WAIT_S,
+                 addresses=PASSWORD_ADDRESSES, clock=time.monotonic):
+        self.failures, self.wait_s, self.addresses, self.clock = (
+            failures, wait_s, addresses, clock)
+        self._slots = threading.BoundedSemaphore(max_checks)
+        self._lock = threading.Lock()
+        self._strikes = collections.OrderedDict()
+
+    def refuse_if_penalised(self, address):
+        """429 while ``address`` serves a penalty. Asked before the cache of
+        checked passwords too: else a penalised guesser could still try its
+        guesses against the remembered right password, at the speed of a HMAC."""
+        with self._lock:
+            strikes = self._strikes.get(address)
+            wait_s = strikes.blocked_until - self.clock() if strikes is not None else 0
+        if wait_s > 0:
+            seconds = max(1, int(wait_s + 0.999))  # whole seconds, rounded up
+            raise ApiError(429, "Too many wrong passwords from %s; try again in %d s"
+                           % (printable(address), seconds), "too_many_wrong_passwords",
+                           headers=[("Retry-After", str(seconds))])
+
+    @contextlib.contextmanager
+    def checking(self, address):
+        """Hold one of the hub's password-check slots (503 after ``wait_s``)."""
+        if not self._slots.acquire(timeout=self.wait_s):
+            raise ApiError(503, "The hub is busy checking passwords; try again in a moment",
+                           "password_checks_busy", headers=[("Retry-After", "1")])
+        try:
+            self.refuse_if_penalised(address)  # it may have begun while this one waited
+            yield
+        finally:
+            self._slots.release()
+
+    def failed(self, address):
+        """Count a wrong password (one that was hashed) from ``address``."""
+        if address is None:
+            return
+        now = self.clock()
+        with self._lock:
+            strikes = self._strikes.pop(address, None) or Strikes()
+            self._strikes[address] = strikes  # now the most recent
+            if len(self._strikes) > self.addresses:
+                self._strikes.popitem(last=False)
+            if strikes.penalty_s and now - strikes.last_failure > PASSWORD_FORGIVE_S:
+                strikes.penalty_s = 0.0
+            strikes.last_failure = now
+            if strikes.penalty_s:
+                strikes.penalty_s = min(strikes.penalty_s * 2, PASSWORD_PENALTY_MAX_S)
+            else:
+                strikes.recent.append(now)
+                while strikes.recent[0] < now - PASSWORD_FAILURE_WINDOW_S:
+                    strikes.recent.popleft()
+                if len(strikes.recent) < self.failures:
+                    return
+                strikes.recent.clear()
+                strikes.penalty_s = PASSWORD_PENALTY_S
+            strikes.blocked_until = now + strikes.penalty_s
+            penalty_s = strikes.penalty_s
+        log.warning("too many wrong room passwords from %s: its password checks are refused "
+                    "for %g s", address, penalty_s)
+
+    def succeeded(self, address):
+        """A right password: ``address`` starts afresh."""
+        with self._lock:
+            self._strikes.pop(address, None)
+
+
 def secret_matches(offered, expected):
     """Compare secrets as UTF-8 bytes in constant time (None never matches)."""
     if offered is None:
@@ -741,7 +892,7 @@ class Registry:
     """
 
     def __init__(self, participant_timeout_s, forget_after_s, room_ttl_s=DEFAULT_ROOM_TTL_S,
-                 clock=time.monotonic, on_rooms_changed=None):
+                 clock=time.monotonic, on_rooms_changed=None, passwords=None):
         self.participant_timeout_s = participant_timeout_s
         self.forget_after_s = forget_after_s
         self.room_ttl_s = room_ttl_s
@@ -749,6 +900,7 @@ class Registry:
         self.on_rooms_changed = on_rooms_changed or (lambda: None)
         self.keep_new_room = lambda room: self.admit_rooms([room])
         self._cache_key = os.urandom(32)  # keys the digests of checked passwords
+        self.passwords = passwords or PasswordGuard(clock=clock)
         self._lock = threading.Lock()
         self._rooms = {}  # code -> Room
         self._reserved = set()  # codes of new rooms being kept, not listed yet
@@ -797,14 +949,17 @@ class Registry:
         with self._lock:
             return [room.to_state() for room in self._rooms.values()]
 
-    def authorize(self, code, *password_forms):
+    def authorize(self, code, *password_forms, address=None):
         """Raise 401 unless the room is open or one of ``password_forms`` is its
         password: the UTF-8 bytes of the password offered, read in each way the
         client may have encoded it (see bearer_password_forms). No form at all
-        means no password was sent.
+        means no password was sent. ``address`` is the client's, for the
+        slow-down of guessers (429, 503: see PasswordGuard).
 
-        The slow hash runs outside the lock, and each form checked is remembered
-        as a keyed digest so the next request with it costs a HMAC."""
+        The slow hash runs outside the lock, one of a few at once, and each
+        form checked is remembered as a keyed digest so the next request with
+        it costs a HMAC. Only wrong passwords that were hashed count against
+        an address: a known wrong one teaches a guesser nothing."""
         with self._lock:
             room = self._room(code)
             stored = room.password_hash
@@ -816,13 +971,23 @@ class Registry:
             raise ApiError(401, "This room needs its password: send it as 'Authorization: "
                                 "Bearer PASSWORD' (the API key of OpenAI clients)",
                            "missing_password", headers=[("WWW-Authenticate", "Bearer")])
-        if any(known for _, known in verdicts):
+        self.passwords.refuse_if_penalised(address)
+        if any(known for _, known in verdicts) or self._check_new_forms(room, stored, [
+                form for form, known in verdicts if known is None], address):
+            self.passwords.succeeded(address)
             return
-        for form, known in verdicts:
-            if known is None and self._check_password(room, stored, form):
-                return
         raise ApiError(401, "Invalid password", "invalid_password",
                        headers=[("WWW-Authenticate", "Bearer")])
+
+    def _check_new_forms(self, room, stored, forms, address):
+        """Whether one of ``forms`` (none checked before) is the password."""
+        if not forms:
+            return False
+        with self.passwords.checking(address):
+            if any(self._check_password(room, stored, form) for form in forms):
+                return True
+        self.passwords.failed(address)
+        return False
 
     def _digest(self, password_bytes):
         """The key of a checked password in a room's cache (never the password)."""
@@ -2074,7 +2239,10 @@ class TunnelBroker:
             del self._lines[line_key]
 
     def submit(self, code, tunnel_key, path, body, via):
-        """Queue a call for the participant's next poll."""
+        """Queue a call for the participant's next poll (only for RELAYED_PATHS:
+        an agent refuses any other)."""
+        if path not in RELAYED_PATHS:
+            raise ValueError("the tunnel carries only %s, not %r" % (RELAYED_PATHS, path))
         call = TunnelCall(code, tunnel_key, path, body, via)
         line_key = (code, tunnel_key)
         with self._lock:
@@ -2768,9 +2936,10 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self._openai = OPENAI_PATH.match(path) is not None
         try:
             if self.command == "OPTIONS":
-                self.send_body(204, None, b"", CORS_HEADERS[1:])
+                self._preflight()
                 return
             name, params = ROUTER.match(self.command, path)
+            self._refuse_cross_site_body(name)
             getattr(self, name)(**params)
         except ApiError as exc:
             self.send_api_error(exc)
@@ -2782,6 +2951,45 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
                                          "internal_error"))
         finally:
             self._discard_unread_body()
+
+    def _preflight(self):
+        """Answer a CORS preflight: any origin, the hub's methods, and the
+        headers asked for. A Private Network Access preflight (Chrome asks
+        one before a page of a public web site reaches a private address) is
+        refused: a hub on a LAN serves apps of its own network, never pages of
+        the internet."""
+        if self.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+            raise ApiError(403, "This hub does not answer web pages of public sites (Private "
+                                "Network Access); use a page or an app served from this network",
+                           "private_network_refused")
+        headers = list(CORS_HEADERS[1:])
+        requested = self.headers.get("Access-Control-Request-Headers", "").strip()
+        if requested and len(requested) <= MAX_VIA_BYTES and _REQUESTED_HEADERS.match(requested):
+            headers[1] = ("Access-Control-Allow-Headers", requested)
+        self.send_body(204, None, b"", headers)
+
+    def _refuse_cross_site_body(self, route):
+        """415 for a body that a web page of any site could send through the
+        browser of someone on the network without a CORS preflight: text/plain,
+        a form, or no Content-Type at all (see SIMPLE_CONTENT_TYPES). The media
+        type is compared without case or parameters ("text/plain;charset=UTF-8").
+        A tunnelled answer carries the local server's own type, maybe text/plain:
+        it passes with the participant's secret header, which no page can send
+        without a preflight (route_tunnel_answer then checks the secret)."""
+        if self.command in ("GET", "HEAD"):
+            return
+        self._body_is_chunked()  # a framing error (501, 400) or 413 comes first: each
+        self._content_length()   # closes the connection, a 415 may keep it
+        media_type = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if media_type not in SIMPLE_CONTENT_TYPES and (media_type or self._body_read):
+            return
+        if route == "route_tunnel_answer" and "x-gambiarra-secret" in self.headers:
+            return
+        raise ApiError(415, "Send the request body as JSON with 'Content-Type: application/json'"
+                            " (the hub refuses %s, which any web page could send it)"
+                       % (printable(media_type)[:80] if media_type else "a body without "
+                          "Content-Type"), "unsupported_media_type",
+                       headers=[("Accept", "application/json")])
 
     def parse_request(self):
         """The stdlib's parse_request without the email package, whose header
@@ -3072,7 +3280,8 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(400, "Field 'transport' must be \"direct\" or \"tunnel\"",
                            "invalid_field")
         password = require_string(body, "password", required=False) or ""
-        self.hub.registry.authorize(code, password.encode("utf-8"))
+        self.hub.registry.authorize(code, password.encode("utf-8"),
+                                    address=self.client_address[0])
         participant, room_id, secret, replaced = self.hub.registry.join(
             code, fields, self._participant_secret(body))
         code = code.upper()
@@ -3097,7 +3306,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         its password as 'Authorization: Bearer PASSWORD', in UTF-8 or Latin-1."""
         scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
         forms = bearer_password_forms(token.strip()) if scheme.lower() == "bearer" else ()
-        self.hub.registry.authorize(code, *forms)
+        self.hub.registry.authorize(code, *forms, address=self.client_address[0])
 
     def route_leave(self, code, participant_id):
         body = self.read_json_object() if not self._body_read else {}
@@ -3401,7 +3610,9 @@ class Hub:
                  forget_after=DEFAULT_FORGET_AFTER_S, room_ttl=DEFAULT_ROOM_TTL_S,
                  state_path=None, queue_timeout=DEFAULT_QUEUE_TIMEOUT_S,
                  sse_keepalive=SSE_KEEPALIVE_S,
-                 client_timeout=CLIENT_IDLE_TIMEOUT_S, mdns=False, mdns_options=None):
+                 client_timeout=CLIENT_IDLE_TIMEOUT_S, mdns=False, mdns_options=None,
+                 max_password_checks=DEFAULT_MAX_PASSWORD_CHECKS,
+                 password_failures=DEFAULT_PASSWORD_FAILURES):
         self.host = host
         self.port = port
         self.max_body = max_body
@@ -3417,7 +3628,8 @@ class Hub:
         self.queue_timeout = queue_timeout
         #: How this hub names itself in Via headers, to notice requests that loop.
         self.via_name = "gambiarra-" + secrets.token_hex(6)
-        self.registry = Registry(participant_timeout, forget_after, room_ttl)
+        self.registry = Registry(participant_timeout, forget_after, room_ttl,
+                                 passwords=PasswordGuard(max_password_checks, password_failures))
         self.state = (StateFile(state_path, self.registry.rooms_state, self.registry.admit_rooms)
                       if state_path else None)
         self.bus = EventBus()
@@ -5127,7 +5339,8 @@ class Agent:
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
         self.local_timeout_s = local_timeout_s
         self.health_interval_s = DEFAULT_HEALTH_INTERVAL_S
-        # _lock guards _secret, _generation, _in_flight, _polls, _locals, _troubles.
+        # _lock guards _secret, _generation, _in_flight, _polls, _locals, _troubles,
+        # _refused.
         self._lock = threading.Lock()
         self._join_lock = threading.Lock()  # one (re-)join at a time
         self._secret = None
@@ -5136,6 +5349,7 @@ class Agent:
         self._polls = set()  # hub connections in a long poll
         self._locals = set()  # local server connections serving a request
         self._troubles = set()  # kinds of failure reported and not yet over
+        self._refused = set()  # paths the hub asked for that were refused (logged once)
         self._stopping = threading.Event()
         self._threads = []
         self._left = False
@@ -5417,6 +5631,9 @@ class Agent:
         answer up. A job the hub no longer wants (its client left, or this
         agent took too long: it was frozen, or its network was gone) is
         dropped before the local server spends any time on it."""
+        if job.path not in RELAYED_PATHS:
+            self._refuse(job)
+            return
         upload = self._confirm(job) if job.confirm else None
         if job.confirm and upload is None:
             return
@@ -5442,6 +5659,22 @@ class Agent:
             local.close()  # also after a 410: the local server stops generating
             if upload is not None:
                 upload.close()
+
+    def _refuse(self, job):
+        """Never send the local server a path outside RELAYED_PATHS (exact
+        match: no query, no "..", no %-escapes, no absolute URL); tell the hub
+        at once, so its client gets a 502 instead of waiting. Each path is
+        logged once as a warning (a rogue hub could repeat it endlessly)."""
+        path = printable(job.path[:200])
+        with self._lock:
+            first = path not in self._refused and len(self._refused) < 64
+            if first:
+                self._refused.add(path)
+        (log.warning if first else log.debug)(
+            "refused a request of the hub at %s for %s: this agent forwards only %s to its "
+            "server", self.hub.url, path, ", ".join(RELAYED_PATHS))
+        self._upload_error(job, "the participant's agent refused the path %s: it forwards "
+                                "only %s" % (path, ", ".join(RELAYED_PATHS)))
 
     def _ask_local(self, local, job):
         """Send the job to the local server: None, or the exception it raised."""
@@ -5733,6 +5966,17 @@ def build_parser():
     serve.add_argument("--mdns", action="store_true",
                        help="advertise the hub on the local network (mDNS/DNS-SD), so "
                             "clients find it without --hub")
+    serve.add_argument("--max-password-checks", type=positive_int,
+                       default=DEFAULT_MAX_PASSWORD_CHECKS, metavar="N",
+                       help="room passwords hashed at once (scrypt, 4 MiB each); others wait "
+                            "their turn, up to %g s, then 503 (default: %%(default)s)"
+                            % PASSWORD_CHECK_WAIT_S)
+    serve.add_argument("--password-failures", type=positive_int,
+                       default=DEFAULT_PASSWORD_FAILURES, metavar="N",
+                       help="wrong room passwords from one address within a minute before "
+                            "it gets 429 for %g s, doubled at each further wrong one up to "
+                            "%g s (default: %%(default)s)"
+                            % (PASSWORD_PENALTY_S, PASSWORD_PENALTY_MAX_S))
     serve.set_defaults(func=cmd_serve)
 
     create = add_command(
@@ -6015,7 +6259,9 @@ def cmd_serve(args):
               health_interval=args.health_interval,
               participant_timeout=args.participant_timeout, forget_after=args.forget_after,
               room_ttl=args.room_ttl, queue_timeout=args.queue_timeout,
-              state_path=default_state_path(args.port) if args.state is None else args.state)
+              state_path=default_state_path(args.port) if args.state is None else args.state,
+              max_password_checks=args.max_password_checks,
+              password_failures=args.password_failures)
     # Handlers first: a SIGTERM that comes while the hub starts still stops it cleanly.
     with stop_signals() as (stop, seen):
         serve_until(hub, stop, args)
@@ -6073,7 +6319,7 @@ def error_message(answer):
     error = answer.get("error")
     if isinstance(error, dict):
         error = error.get("message")
-    return error or "no reason given"
+    return printable(error) if error else "no reason given"
 
 
 PASSWORD_HELP = (
@@ -6133,9 +6379,9 @@ def cmd_create(args):
     if args.json:
         print(json.dumps(answer, indent=2))
     else:
-        print(room["code"])
-        print("Room '%s' created. OpenAI base URL: %s/rooms/%s/v1" % (
-            room["name"], args.hub.rstrip("/"), room["code"]), file=sys.stderr)
+        print(printable(room["code"]))
+        print(printable("Room '%s' created. OpenAI base URL: %s/rooms/%s/v1" % (
+            room["name"], args.hub.rstrip("/"), room["code"])), file=sys.stderr)
     return 0
 
 
@@ -6165,9 +6411,9 @@ def room_participants(hub_url, code, password):
 
 def room_lines(room):
     """A room as text: a header line, then one line per participant and its models."""
-    lines = ["%s  %-30s %d participant(s)%s" % (
+    lines = [printable("%s  %-30s %d participant(s)%s" % (
         room["code"], room["name"], room["participantCount"],
-        "  [protected]" if room.get("protected") else "")]
+        "  [protected]" if room.get("protected") else ""))]
     if "participants" not in room:
         return lines + ["    (protected)"]
     if not room["participants"]:
@@ -6176,10 +6422,10 @@ def room_lines(room):
         lines.append("    %-24s %-24s %-20s %s" % (
             participant["id"], participant.get("nickname", ""), participant.get("model", ""),
             participant.get("status", "")))
-    models = sorted({p.get("model") for p in room["participants"] if p.get("model")})
+    models = sorted({str(p.get("model")) for p in room["participants"] if p.get("model")})
     if models:
         lines.append("    models: %s" % ", ".join(models))
-    return lines
+    return [printable(line) for line in lines]  # names come from anyone who joined
 
 
 # --- chat: the quickest check that a room answers ---
@@ -6276,7 +6522,7 @@ def read_chat_json(answer, echo):
     choices = answer.get("choices") or [{}]
     content = (choices[0].get("message") or {}).get("content") or ""
     if echo:
-        sys.stdout.write(content)
+        sys.stdout.write(printable(content, lines=True))
     return answer.get("model"), content
 
 
@@ -6320,7 +6566,7 @@ def _chat_event(event, echo, pieces):
         token = (choice.get("delta") or {}).get("content") or ""
         pieces.append(token)
         if echo and token:
-            sys.stdout.write(token)
+            sys.stdout.write(printable(token, lines=True))  # a participant wrote it
             sys.stdout.flush()
     return event.get("model")
 
@@ -6515,7 +6761,7 @@ class PrintedEvents:
 
     def note(self, text):
         with self._lock:
-            print(text, file=sys.stderr, flush=True)
+            print(printable(text), file=sys.stderr, flush=True)
 
 
 class MonitorScreen:
@@ -6631,7 +6877,7 @@ def event_line(name, data, room=None):
                                         else json.dumps(value)))
     else:
         parts.append(str(data))
-    return " ".join(parts).rstrip()
+    return printable(" ".join(parts).rstrip())  # names and errors come from the network
 
 
 def default_nickname():
@@ -6709,8 +6955,9 @@ def main(argv=None):
         if "hub" in vars(args) and args.hub is None:
             args.hub = os.environ.get("GAMBIARRA_HUB") or find_hub()
         return args.func(args)
-    except GambiarraError as exc:
-        print("error: %s" % exc, file=sys.stderr)
+    except GambiarraError as exc:  # its lines may quote a hub or a server: escaped
+        print("error: %s" % "\n".join(printable(line) for line in str(exc).split("\n")),
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -39,6 +39,9 @@ import gambiarra
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WAIT_S = 10  # upper bound of any wait; tests pass far sooner
+#: What every client sends with a JSON body (the hub refuses bodies a web page
+#: could send cross-site: text/plain, forms, or no Content-Type at all).
+JSON = {"Content-Type": "application/json"}
 
 
 def urllib_open(url):
@@ -332,7 +335,7 @@ class HubTestCase(unittest.TestCase):
         busy = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
         self.addCleanup(busy.close)
         busy.request("POST", "/rooms/%s/v1/chat/completions" % code, body=json.dumps(
-            {"model": "alice", "fake": {"stall_before": True}}).encode())
+            {"model": "alice", "fake": {"stall_before": True}}).encode(), headers=JSON)
         self.assertTrue(wait_until(lambda: fake.requests))
         return busy
 
@@ -722,7 +725,8 @@ class TestClientFaults(HubTestCase):
         for header in (b"Content-Length: 1_3", b"Content-Length: +13", b"Content-Length: 13\r\n"
                        b"Content-Length: 14", b"Transfer-Encoding: chunked"):
             body = b"-1\r\n" + b"x" * 100 if b"chunked" in header else b'{"name":"abcd"}'
-            answer = self.raw(b"POST /rooms HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n"
+            answer = self.raw(b"POST /rooms HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                              b"\r\n" + header + b"\r\n\r\n"
                               + body)
             self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (header, answer[:60]))
         self.assertEqual(self.request("GET", "/rooms")[2], {"rooms": []})
@@ -808,7 +812,7 @@ class TestRelay(OneParticipantTestCase):
         self.addCleanup(conn.close)
         for stream in (False, True, False):
             conn.request("POST", self.chat_path, body=json.dumps(
-                {"model": "*", "stream": stream}).encode())
+                {"model": "*", "stream": stream}).encode(), headers=JSON)
             response = conn.getresponse()
             self.assertEqual(response.status, 200)
             self.assertIn(b"tok2", response.read())
@@ -855,7 +859,7 @@ class TestRelay(OneParticipantTestCase):
             count = len(self.fake.requests)
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
             conn.request("POST", self.chat_path, body=json.dumps(
-                {"model": "alice", "stream": True, "fake": fake}).encode())
+                {"model": "alice", "stream": True, "fake": fake}).encode(), headers=JSON)
             self.assertTrue(wait_until(lambda: len(self.fake.requests) > count))
             hang_up(conn)
             self.assertTrue(self.fake.disconnected.wait(WAIT_S), fake)
@@ -881,7 +885,7 @@ class TestRelay(OneParticipantTestCase):
     def test_client_leaving_a_non_streaming_request_closes_the_backend(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
         conn.request("POST", self.chat_path, body=json.dumps(
-            {"model": "alice", "fake": {"stall_before": True}}).encode())
+            {"model": "alice", "fake": {"stall_before": True}}).encode(), headers=JSON)
         self.assertTrue(wait_until(lambda: self.fake.requests))
         hang_up(conn)
         self.assertTrue(self.fake.disconnected.wait(WAIT_S))
@@ -917,8 +921,9 @@ class TestRelay(OneParticipantTestCase):
         self.addCleanup(events.close)
         with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
             body = json.dumps({"model": "alice", "stream": True, "fake": fake}).encode()
-            sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
-                self.chat_path.encode(), len(body), body))
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (self.chat_path.encode(), len(body),
+                                                             body))
             data = b""
             while b"NE]\n\n" not in data:  # the end of "data: [DONE]", maybe in two chunks
                 data += sock.recv(65536)
@@ -942,7 +947,7 @@ class TestRelay(OneParticipantTestCase):
         waiting = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
         self.addCleanup(waiting.close)
         waiting.request("POST", self.chat_path, body=json.dumps(
-            {"model": "alice", "fake": {"stall_before": True}}).encode())
+            {"model": "alice", "fake": {"stall_before": True}}).encode(), headers=JSON)
         self.assertTrue(wait_until(lambda: len(self.fake.requests) == 2))
         logs = CapturedLogs(self, logging.WARNING)
         self.hub.close()
@@ -980,7 +985,7 @@ class TestBusyParticipants(HubTestCase):
         body = {"model": model, "tag": tag}
         if stall:
             body["fake"] = {"stall_before": True}
-        conn.request("POST", self.path, body=json.dumps(body).encode())
+        conn.request("POST", self.path, body=json.dumps(body).encode(), headers=JSON)
         return conn
 
     def tags_seen(self):
@@ -1317,7 +1322,7 @@ class TestBigAnswers(OneParticipantTestCase):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3)
         self.addCleanup(conn.close)
         conn.request("POST", self.chat_path, body=json.dumps(
-            {"model": "alice", "fake": {"sized": size, "stall_mid": True}}).encode())
+            {"model": "alice", "fake": {"sized": size, "stall_mid": True}}).encode(), headers=JSON)
         response = conn.getresponse()  # the backend holds back its second half (for 10 s)
         self.assertEqual((response.status, response.getheader("Content-Length")),
                          (200, str(size)))
@@ -1422,7 +1427,7 @@ class TestRouting(HubTestCase):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
         self.addCleanup(conn.close)
         conn.request("POST", "/rooms/%s/v1/chat/completions" % self.code, body=json.dumps(
-            {"model": "fake-model", "fake": {"stall_before": True}}).encode())
+            {"model": "fake-model", "fake": {"stall_before": True}}).encode(), headers=JSON)
         self.assertTrue(wait_until(lambda: first.requests))
         self.join(self.code, second, pid="bob")
         for _ in range(5):
@@ -1753,7 +1758,7 @@ class TestTunnelUploads(HubTestCase):
         conn.sock = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S)
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         conn.request("POST", self.path, body=json.dumps(
-            {"model": "alice", "fake": {"sized": size}}).encode())
+            {"model": "alice", "fake": {"sized": size}}).encode(), headers=JSON)
         response = conn.getresponse()
         self.assertEqual(response.status, 200)
         calls = self.hub.tunnels._calls
@@ -1965,6 +1970,423 @@ class TestProtectedRooms(HubTestCase):
                 self.assertNotIn(form, text)
 
 
+# === Safe on a shared Wi-Fi: web pages, agents, passwords ===
+
+#: Bodies a web page of any site can send without a CORS preflight (None: no
+#: Content-Type at all, as fetch() sends a Blob or an ArrayBuffer).
+SIMPLE_TYPES = ("text/plain", "text/plain;charset=UTF-8", "TEXT/Plain ; charset=utf-8",
+                "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None)
+
+
+class TestWebPages(HubTestCase):
+    """A page of any web site, opened by someone on the network, cannot drive
+    the hub through her browser: no form or text body is taken."""
+
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.fake = self.backend()
+        self.join(self.code, self.fake)
+
+    def send_as_page(self, method, path, body, content_type, headers=()):
+        """What a page's form or simple fetch() sends: (status, response, payload)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        sent = dict(headers, **({"Content-Type": content_type} if content_type else {}))
+        conn.request(method, path, body=json.dumps(body).encode(), headers=sent)
+        response = conn.getresponse()
+        payload = response.read()
+        return response.status, response, json.loads(payload)
+
+    def test_text_form_and_untyped_bodies_are_refused_on_every_post_and_delete(self):
+        join = {"id": "mallory", "nickname": "M", "model": "m", "endpoint": self.fake.url}
+        secret = self.secret_header(self.code, "alice")
+        for content_type in SIMPLE_TYPES:
+            for method, path, body, headers in (
+                    ("POST", "/rooms", {"name": "made by a web page"}, {}),
+                    ("POST", "/rooms/%s/join" % self.code, join, {}),
+                    ("POST", "/rooms/%s/health" % self.code, {"id": "alice"}, secret),
+                    ("DELETE", "/rooms/%s/leave/alice" % self.code, {}, secret),
+                    ("POST", "/rooms/%s/v1/chat/completions" % self.code, {"model": "*"}, {}),
+                    ("POST", "/rooms/%s/v1/embeddings" % self.code, {"model": "*"}, {})):
+                status, response, answer = self.send_as_page(method, path, body, content_type,
+                                                             headers)
+                self.assertEqual(status, 415, (content_type, path, answer))
+                error = answer["error"]
+                if "/v1/" in path:
+                    self.assertEqual((error["type"], error["code"]),
+                                     ("invalid_request_error", "unsupported_media_type"))
+                    error = error["message"]
+                self.assertIn("Content-Type: application/json", error)
+                self.assertEqual(response.getheader("Accept"), "application/json")
+        self.assertEqual(len(self.request("GET", "/rooms")[2]["rooms"]), 1)
+        participants = self.hub.registry.participants_json(self.code)
+        self.assertEqual([p["id"] for p in participants], ["alice"])
+        self.assertEqual(self.fake.requests, [])
+
+    def test_json_with_any_case_or_parameters_passes_and_a_bodiless_delete_too(self):
+        for content_type in ("application/json", "Application/JSON; charset=utf-8"):
+            status, _, answer = self.send_as_page("POST", "/rooms", {"name": "ok"}, content_type)
+            self.assertEqual(status, 201, answer)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        conn.request("DELETE", "/rooms/%s/leave/alice" % self.code,
+                     headers=self.secret_header(self.code, "alice"))  # no body, no type
+        self.assertEqual(conn.getresponse().status, 200)
+
+    def test_the_upload_of_a_tunnelled_answer_takes_any_type_only_with_the_secret(self):
+        self.join(self.code, self.fake, pid="bob", transport="tunnel",
+                  endpoint="http://127.0.0.1:%d" % free_port())
+        client = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(client.close)
+        client.request("POST", "/rooms/%s/v1/chat/completions" % self.code, headers=JSON,
+                       body=json.dumps({"model": "bob"}).encode())
+        status, _, job = self.request("GET", "/rooms/%s/tunnel/bob?wait=5" % self.code,
+                                      headers=self.secret_header(self.code, "bob"))
+        self.assertEqual(status, 200)
+        upload = "/rooms/%s/tunnel/bob/%s" % (self.code, job["requestId"])
+        status, _, answer = self.request("POST", upload, raw=b"not json", headers={
+            "Content-Type": "text/plain", "X-Gambiarra-Status": "500"})
+        self.assertEqual(status, 415, answer)  # not even a 401: no secret, no text/plain
+        status, _, _ = self.request("POST", upload, raw=b"local server error", headers=dict(
+            self.secret_header(self.code, "bob"), **{"Content-Type": "text/plain",
+                                                     "X-Gambiarra-Status": "500"}))
+        self.assertEqual(status, 200)
+        response = client.getresponse()
+        self.assertEqual((response.status, response.getheader("Content-Type"), response.read()),
+                         (500, "text/plain", b"local server error"))
+
+    def preflight(self, path, **headers):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        conn.request("OPTIONS", path, headers=dict({
+            "Origin": "https://chat.example", "Access-Control-Request-Method": "POST"},
+            **{name.replace("_", "-"): value for name, value in headers.items()}))
+        response = conn.getresponse()
+        response.read()
+        return response
+
+    def test_preflights_of_openai_clients_pass_and_private_network_ones_do_not(self):
+        path = "/rooms/%s/v1/chat/completions" % self.code
+        asked = "authorization, content-type, x-stainless-os, x-stainless-retry-count"
+        response = self.preflight(path, Access_Control_Request_Headers=asked)
+        self.assertEqual(response.status, 204)
+        self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "*")
+        self.assertIn("POST", response.getheader("Access-Control-Allow-Methods"))
+        self.assertEqual(response.getheader("Access-Control-Allow-Headers"), asked)
+        self.assertIsNone(response.getheader("Access-Control-Allow-Private-Network"))
+        response = self.preflight(path, Access_Control_Request_Headers="a b; c")
+        self.assertEqual(response.getheader("Access-Control-Allow-Headers"),
+                         "Content-Type, Authorization, X-Gambiarra-Secret")
+        for path in ("/rooms", "/health", path):  # a public site's page: never
+            response = self.preflight(path, Access_Control_Request_Private_Network="true")
+            self.assertEqual(response.status, 403, path)
+            self.assertIsNone(response.getheader("Access-Control-Allow-Private-Network"))
+            self.assertIsNone(response.getheader("Access-Control-Allow-Methods"))
+
+
+class RogueHubHandler(http.server.BaseHTTPRequestHandler):
+    """A hub that hands an agent's polls the jobs it likes and records the
+    answers uploaded: what a rogue hub found by mDNS could do."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def send_json(self, status, obj=None):
+        data = json.dumps(obj).encode() if obj is not None else b""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        rogue = self.server.rogue
+        if "/tunnel/" not in self.path:
+            return self.send_json(404, {"error": "not found"})
+        with rogue.lock:
+            path = rogue.paths.pop(0) if rogue.paths else None
+        if path is None:
+            rogue.idle.set()
+            return self.send_json(204)
+        self.send_json(200, {"requestId": "job%d" % len(rogue.uploads), "path": path,
+                             "via": "1.1 rogue", "accept": False,
+                             "body": {"model": "fake-model", "name": "attacker/huge:400b"}})
+
+    def do_POST(self):
+        rogue = self.server.rogue
+        if self.path.endswith("/join"):
+            return self.send_json(201, {"participant": {}, "roomId": "r", "secret": "s",
+                                        "healthInterval": 60000})
+        body = self.read_body()
+        if "/tunnel/" in self.path:
+            with rogue.lock:
+                rogue.uploads.append((self.path.rsplit("/", 1)[1], dict(self.headers), body))
+        self.send_json(200, {"success": True})
+
+    do_DELETE = do_POST
+
+    def read_body(self):
+        if self.headers.get("Transfer-Encoding") != "chunked":
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        data = b""
+        while True:
+            size = int(self.rfile.readline().split(b";")[0], 16)
+            data += self.rfile.read(size)
+            self.rfile.readline()
+            if not size:
+                return data
+
+
+class RogueHub:
+    def __init__(self, paths):
+        self.paths = list(paths)
+        self.uploads = []  # (request id, headers, body)
+        self.lock = threading.Lock()
+        self.idle = threading.Event()  # every job handed out
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RogueHubHandler)
+        self.server.daemon_threads = True
+        self.server.rogue = self
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(WAIT_S)
+
+
+class TestAgentForwardsOnlyInference(unittest.TestCase):
+    """`join` is no open door into the participant's server: a hub gets the
+    inference routes it relays, nothing else."""
+
+    REFUSED = ("/api/pull", "/api/delete", "/v1/models", "/V1/chat/completions",
+               "/v1/chat/completions?x=1", "/v1/chat/completions/../../api/pull",
+               "/v1/../api/pull", "/v1/chat%2Fcompletions", "/v1/chat/completions#x",
+               "//evil.example/v1/chat/completions", "http://127.0.0.1:1/v1/completions",
+               " /v1/completions", "/v1/embeddings\r\nX-Evil: 1", "/\x1b]0;pwned\x07\x1b[2J")
+
+    def test_a_rogue_hub_gets_errors_and_the_local_server_never_sees_its_paths(self):
+        fake = FakeBackend()
+        self.addCleanup(fake.close)
+        rogue = RogueHub(self.REFUSED + ("/v1/chat/completions", "/api/pull"))
+        self.addCleanup(rogue.close)
+        logs = CapturedLogs(self)
+        agent = gambiarra.Agent(rogue.url, "XK7P2M", {
+            "id": "alice", "nickname": "Alice", "model": "fake-model", "endpoint": fake.url,
+            "transport": "tunnel", "maxConcurrent": 1}, fake.url, **AGENT_TIMINGS)
+        self.addCleanup(agent.close)
+        agent.start()
+        self.assertTrue(rogue.idle.wait(WAIT_S))
+        self.assertTrue(wait_until(lambda: len(rogue.uploads) == len(self.REFUSED) + 2))
+        self.assertEqual([path for path, _ in fake.requests], ["/v1/chat/completions"])
+        errors = [headers.get("X-Gambiarra-Error") for _, headers, _ in rogue.uploads]
+        self.assertIsNone(errors[-2])  # the chat was answered, the rest refused
+        self.assertIn(b"tok0", rogue.uploads[-2][2])
+        for error in errors[:-2] + errors[-1:]:
+            self.assertIn("forwards only /v1/chat/completions", error)
+        self.assertIn("/api/pull", errors[0])
+        warnings = logs.at(logging.WARNING)
+        self.assertEqual(len(warnings), len(self.REFUSED), warnings)  # once per path
+        self.assertIn("/api/pull", warnings[0])
+        self.assertIn("\\x1b]0;pwned\\x07\\x1b[2J", warnings[-1])
+        self.assertFalse([w for w in warnings if "\x1b" in w or "\n" in w or "\r" in w])
+
+    def test_the_hub_hands_out_jobs_for_the_relayed_paths_only(self):
+        broker = gambiarra.TunnelBroker()
+        self.addCleanup(broker.close)
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            self.assertEqual(broker.submit("XK7P2M", ("alice", "k"), path, b"{}", "").path, path)
+        for path in ("/api/pull", "/v1/models", "/v1/chat/completions?x"):
+            with self.assertRaises(ValueError):
+                broker.submit("XK7P2M", ("alice", "k"), path, b"{}", "")
+
+
+class TestPasswordGuessing(HubTestCase):
+    """Guessing a room's password is slow for the guesser, cheap for the hub."""
+
+    hub_options = {"max_password_checks": 2, "password_failures": 5}
+
+    def setUp(self):
+        super().setUp()
+        status, _, answer = self.request("POST", "/rooms", {"name": "Lab", "password": PASSWORD})
+        self.code = answer["room"]["code"]
+        self.lock, self.running, self.peak = threading.Lock(), 0, 0
+        self.gate = threading.Event()
+
+    def held_check(self, password_bytes, stored):
+        """password_matches, counting the checks running at once; each waits
+        for ``gate`` (bounded) so that a burst piles up."""
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            self.gate.wait(WAIT_S)
+            return self.real_check(password_bytes, stored)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def test_a_burst_of_wrong_passwords_gets_429_and_never_more_than_n_hashes_at_once(self):
+        CapturedLogs(self)  # the hub warns about the guesser
+        self.real_check = gambiarra.password_matches
+        statuses, retry_after = [], []
+        path = "/rooms/%s/participants" % self.code
+
+        def guess(number):
+            status, response, _ = self.request("GET", path, headers=bearer("guess%d" % number))
+            statuses.append(status)
+            retry_after.append(response.getheader("Retry-After"))
+        with unittest.mock.patch.object(gambiarra, "password_matches",
+                                        side_effect=self.held_check) as checks:
+            guessers = [threading.Thread(target=guess, args=(n,)) for n in range(20)]
+            for thread in guessers:
+                thread.start()
+            self.assertTrue(wait_until(lambda: self.running == 2))
+            self.assertFalse(wait_until(lambda: self.running > 2, timeout=0.1))
+            self.gate.set()
+            for thread in guessers:
+                thread.join(WAIT_S)
+            # Two hashes ran side by side when the fifth wrong one was found: a sixth at most.
+            self.assertIn(statuses.count(401), (5, 6), statuses)
+            self.assertEqual(statuses.count(429), 20 - statuses.count(401))
+            self.assertLessEqual(checks.call_count, 6)
+            self.assertEqual(self.peak, 2)
+            self.assertTrue(all(int(seconds) >= 1 for status, seconds in
+                                zip(statuses, retry_after) if status == 429))
+            # The right password now waits out the penalty from this address...
+            status, response, answer = self.request("GET", path, headers=bearer(PASSWORD))
+            self.assertEqual(status, 429)
+            self.assertIn("Too many wrong passwords", answer["error"])
+            status, _, answer = self.request("POST", "/rooms/%s/v1/chat/completions" % self.code,
+                                             {"model": "*"}, headers=bearer(PASSWORD))
+            self.assertEqual((status, answer["error"]["type"]), (429, "rate_limit_error"))
+            # ... and works at once from any other one.
+            self.hub.registry.authorize(self.code, PASSWORD.encode("utf-8"),
+                                        address="192.0.2.9")
+
+    def guard(self, **options):
+        CapturedLogs(self)  # the warnings about guessers
+        self.now = [1000.0]
+        guard = gambiarra.PasswordGuard(clock=lambda: self.now[0], **options)
+        registry = gambiarra.Registry(30, 600, passwords=guard)
+        code = registry.create_room("Lab", gambiarra.hash_password(PASSWORD))["code"]
+        return guard, lambda password, address: registry.authorize(
+            code, password.encode("utf-8"), address=address)
+
+    def assert_status(self, status, authorize, password, address):
+        with self.assertRaises(gambiarra.ApiError) as caught:
+            authorize(password, address)
+        self.assertEqual(caught.exception.status, status)
+        return dict(caught.exception.headers).get("Retry-After")
+
+    def test_the_penalty_doubles_ends_and_a_right_password_then_starts_afresh(self):
+        guard, authorize = self.guard(failures=3)
+        authorize(PASSWORD, "192.0.2.2")  # remembered: later checks of it cost a HMAC
+        for number in range(3):
+            self.assert_status(401, authorize, "wrong%d" % number, "192.0.2.1")
+        self.assertEqual(self.assert_status(429, authorize, "wrong9", "192.0.2.1"), "5")
+        # No testing guesses against the remembered right password meanwhile.
+        self.assert_status(429, authorize, PASSWORD, "192.0.2.1")
+        authorize(PASSWORD, "192.0.2.2")  # others are not slowed down
+        self.now[0] += 5.5
+        self.assert_status(401, authorize, "wrong3", "192.0.2.1")
+        self.assertEqual(self.assert_status(429, authorize, "wrong9", "192.0.2.1"), "10")
+        self.now[0] += 10.5
+        self.assert_status(401, authorize, "wrong4", "192.0.2.1")
+        self.assertEqual(self.assert_status(429, authorize, "wrong9", "192.0.2.1"), "20")
+        self.now[0] += 20.5
+        authorize(PASSWORD, "192.0.2.1")
+        self.assert_status(401, authorize, "wrong5", "192.0.2.1")  # forgiven: no 429
+        self.assert_status(401, authorize, "wrong5", "192.0.2.1")  # known wrong: not counted
+        self.assert_status(401, authorize, "wrong6", "192.0.2.1")
+        self.assert_status(401, authorize, "wrong7", "192.0.2.1")
+        self.assertEqual(self.assert_status(429, authorize, "wrong9", "192.0.2.1"), "5")
+
+    def test_checks_wait_for_a_slot_but_a_remembered_password_never_does(self):
+        guard, authorize = self.guard(max_checks=1, wait_s=0.05)
+        authorize(PASSWORD, "192.0.2.2")
+        with guard.checking("192.0.2.3"):  # the hub's only slot is taken
+            self.assertEqual(self.assert_status(503, authorize, "new guess", "192.0.2.1"), "1")
+            with unittest.mock.patch.object(gambiarra, "password_matches") as checks:
+                authorize(PASSWORD, "192.0.2.1")  # from the cache: no wait, no hash
+            self.assertEqual(checks.call_count, 0)
+
+    def test_memory_for_addresses_is_bounded(self):
+        guard, authorize = self.guard(addresses=3)
+        for number in range(10):
+            self.assert_status(401, authorize, "wrong%d" % number, "192.0.2.%d" % number)
+        self.assertEqual(len(guard._strikes), 3)
+
+    def test_serve_flags_reach_the_guard(self):
+        args = gambiarra.build_parser().parse_args(
+            ["serve", "--max-password-checks", "3", "--password-failures", "7"])
+        self.assertEqual((args.max_password_checks, args.password_failures), (3, 7))
+        self.assertEqual(self.hub.registry.passwords.failures, 5)
+        with gambiarra.Hub(password_failures=7) as hub:
+            self.assertEqual(hub.registry.passwords.failures, 7)
+
+
+NASTY_NICKNAME = "\x1b]0;pwned\x07\x1b[2J\u202eevil"
+
+
+class TestTerminalEscapes(HubTestCase):
+    """Names from the network reach terminals and logs escaped, never as
+    control sequences (set the title, clear the screen, reorder text)."""
+
+    def setUp(self):
+        self.logs = CapturedLogs(self, logging.INFO)
+        super().setUp()
+        self.code = self.create_room("Room\x1b[31m")
+        self.fake = self.backend()
+
+    def run_main(self, *argv):
+        return TestCli.run_main(self, *argv)
+
+    def assert_escaped(self, text):
+        for control in ("\x1b", "\x07", "\u202e"):
+            self.assertNotIn(control, text)
+
+    def test_list_monitor_and_the_hub_log_show_a_nasty_nickname_escaped(self):
+        stop, out, err, thread = TestClientCommands.start_monitor(self, self.code)
+        self.assertTrue(wait_until(lambda: "connected" in out.getvalue()))
+        self.join(self.code, self.fake, pid="mallory", nickname=NASTY_NICKNAME,
+                  model="m\x9b2J")
+        self.assertTrue(wait_until(lambda: "participant:joined" in out.getvalue()))
+        stop.set()
+        thread.join(WAIT_S)
+        status, listed, _ = self.run_main("list", "--hub", self.hub.url)
+        self.assertEqual(status, 0)
+        hub_log = "\n".join(self.logs.at(logging.INFO))
+        for text in (listed, out.getvalue(), hub_log):
+            self.assert_escaped(text)
+            self.assertIn("\\x1b]0;pwned\\x07\\x1b[2J\\u202eevil", text)
+        self.assertIn("\\x9b2J", listed)
+        self.assertIn("Room\\x1b[31m", listed)
+
+    def test_chat_answers_and_errors_are_escaped_but_keep_their_lines(self):
+        pieces = []
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            gambiarra._chat_event({"choices": [{"delta": {"content": "a\x1b]52;c;eA==\x07\n\tb"}}]},
+                                  True, pieces)
+        self.assertEqual(out.getvalue(), "a\\x1b]52;c;eA==\\x07\n\tb")
+        self.assertEqual(pieces, ["a\x1b]52;c;eA==\x07\n\tb"])  # --json has it as sent
+        self.assertEqual(gambiarra.error_message({"error": {"message": "x\x1b[2J\ny"}}),
+                         "x\\x1b[2J\\x0ay")
+        body = b'{"error": "\\u001b[2Jno"}'
+        hub = CannedHub(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.addCleanup(hub.close)
+        status, _, err = self.run_main("chat", "XK7P2M", "hi", "--hub", hub.url)
+        self.assertEqual(status, 1)
+        self.assert_escaped(err)
+        self.assertIn("\\x1b[2Jno", err)
+
+
 # === Rooms that survive a restart ===
 
 class TestStateFile(unittest.TestCase):
@@ -1982,7 +2404,7 @@ class TestStateFile(unittest.TestCase):
         conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=WAIT_S)
         try:
             conn.request(method, path, body=json.dumps(body).encode() if body else None,
-                         headers=headers or {})
+                         headers=dict(JSON, **(headers or {})))
             response = conn.getresponse()
             return response.status, json.loads(response.read() or b"null")
         finally:
@@ -2313,15 +2735,15 @@ class TestHubLifecycle(unittest.TestCase):
         with hub:
             listener = hub.server.socket
             conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=WAIT_S)
-            conn.request("POST", "/rooms", body=b'{"name": "r"}')
+            conn.request("POST", "/rooms", body=b'{"name": "r"}', headers=JSON)
             code = json.loads(conn.getresponse().read())["room"]["code"]  # kept alive
             events = EventStream(hub.port, code)
             conn.request("POST", "/rooms/%s/join" % code, body=json.dumps(
-                {"id": "a", "nickname": "A", "model": "m", "endpoint": backend.url}).encode())
+                {"id": "a", "nickname": "A", "model": "m", "endpoint": backend.url}).encode(), headers=JSON)
             conn.getresponse().read()
             stalled = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=WAIT_S)
             stalled.request("POST", "/rooms/%s/v1/chat/completions" % code, body=json.dumps(
-                {"model": "a", "fake": {"stall_before": True}}).encode())
+                {"model": "a", "fake": {"stall_before": True}}).encode(), headers=JSON)
             self.assertTrue(wait_until(lambda: backend.requests))
         self.assertEqual(listener.fileno(), -1)
         self.assertTrue(backend.disconnected.wait(WAIT_S))  # the relay let go
@@ -4141,7 +4563,7 @@ class TestServeProcess(unittest.TestCase):
             with urllib_open(url + "/health") as response:
                 self.assertEqual(response.status, 200)
             urllib.request.urlopen(urllib.request.Request(
-                url + "/rooms", data=b'{"name": "kept"}', method="POST"), timeout=WAIT_S).read()
+                url + "/rooms", data=b'{"name": "kept"}', method="POST", headers=JSON), timeout=WAIT_S).read()
             process.send_signal(sig)
             self.assertEqual(process.wait(WAIT_S), expected)
             with open(os.path.join(self.state_home, "gambiarra", "hub-0.json")) as f:

@@ -3683,6 +3683,9 @@ class HubServer(http.server.ThreadingHTTPServer):
         finally:
             request.close()
 
+    def open_connections(self):
+        return len(self._connections)
+
     def crowded(self):
         """True when idle keep-alive connections should make room (BUSY_SHARE of the cap)."""
         return len(self._connections) >= self.hub.max_connections * BUSY_SHARE

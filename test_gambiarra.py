@@ -856,7 +856,7 @@ class TestCrowdedKeepAlive(HubTestCase):
 
     def test_idle_keep_alive_lasts_the_client_timeout_when_there_is_room(self):
         conn = self.kept_alive()
-        readable, _, _ = select.select([conn.sock], [], [], 0.3)  # no EOF: still open
+        readable, _, _ = select.select([conn.sock], [], [], 0.2)  # no EOF: still open
         self.assertEqual(readable, [])
 
     def test_idle_keep_alive_closed_when_the_hub_is_crowded(self):
@@ -890,13 +890,13 @@ class TestAcceptBackoff(HubTestCase):
     def test_out_of_file_descriptors_backs_off_instead_of_spinning(self):
         logs = CapturedLogs(self, logging.INFO)
         server = self.hub.server
-        flaky = FlakyListener(server.socket, 0.5)
+        flaky = FlakyListener(server.socket, 0.3)
         server.socket = flaky
         self.addCleanup(setattr, server, "socket", flaky.real)
         started = time.monotonic()
         self.assertEqual(self.request("GET", "/health")[0], 200)  # served once it works
-        self.assertGreaterEqual(time.monotonic() - started, 0.5)
-        # 5, 10, 20 ... 320 ms: 7 or 8 attempts in 0.5 s, where a busy loop makes thousands.
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+        # 5, 10, 20 ... 160 ms: 7 or 8 attempts in 0.3 s, where a busy loop makes thousands.
         self.assertLessEqual(flaky.attempts, 10)
         warnings = logs.at(logging.WARNING)
         self.assertEqual(len(warnings), 1, warnings)  # one line per burst
@@ -934,11 +934,12 @@ class TestHeadDeadline(HubTestCase):
     def test_the_deadline_starts_again_with_each_request(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
         self.addCleanup(conn.close)
-        for _ in range(2):
-            conn.request("GET", "/health")
-            self.assertEqual(conn.getresponse().read()[:1], b"{")
-            readable, _, _ = select.select([conn.sock], [], [], 0.5)  # past the head deadline
-            self.assertEqual(readable, [])  # idle between requests: kept
+        conn.request("GET", "/health")
+        self.assertEqual(conn.getresponse().read()[:1], b"{")
+        readable, _, _ = select.select([conn.sock], [], [], 0.4)  # past the head deadline
+        self.assertEqual(readable, [])  # idle between requests: kept
+        conn.request("GET", "/health")
+        self.assertEqual(conn.getresponse().status, 200)
 
 
 class TestHeaderBlockLimit(HubTestCase):
@@ -1001,15 +1002,40 @@ class TestMinBodyRate(HubTestCase):
         self.assertEqual(status, 200)
 
         def slow_model():
-            for i in range(8):
-                time.sleep(0.05)  # the model's own pace: 160 bytes/s
+            for i in range(6):
+                time.sleep(0.04)  # the model's own pace: 200 bytes/s
                 yield b"data: %d\n\n" % i
         status, _, _ = self.request(
             "POST", "/rooms/%s/tunnel/alice/%s" % (code, job["requestId"]), raw=slow_model(),
             headers=dict(self.secret_header(code, "alice"), **{
                 "X-Gambiarra-Status": "200", "Content-Type": "text/event-stream"}))
         self.assertEqual(status, 200)
-        self.assertEqual(conn.getresponse().read().count(b"data: "), 8)
+        self.assertEqual(conn.getresponse().read().count(b"data: "), 6)
+
+
+class TestSendDeadline(HubTestCase):
+    """Answers are never buffered by the hub: one waits in the kernel until
+    the client reads it or --client-timeout passes (sendall's timeout bounds
+    the whole call since Python 3.5), then the connection is dropped."""
+
+    hub_options = {"client_timeout": 0.3}
+
+    def test_a_client_that_pipelines_and_never_reads_is_dropped(self):
+        self.create_room("x" * 200)  # answers of about 300 bytes
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", self.port))
+        sock.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):  # until the hub stops reading
+            while sent < 50 * 1024 * 1024:
+                sent += sock.send(b"GET /rooms HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+        self.assertLess(sent, 50 * 1024 * 1024)  # the hub stopped reading: no answers piling up
+        started = time.monotonic()
+        self.assertTrue(wait_until(lambda: self.hub.server.open_connections() == 0))
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(self.request("GET", "/health")[0], 200)
 
 
 class TestDeepJsonInServe(unittest.TestCase):
@@ -4557,13 +4583,17 @@ def proc_stat(pid):
     return cpu, len(os.listdir("/proc/%d/task" % pid)), len(os.listdir("/proc/%d/fd" % pid)), rss
 
 
-def start_bench_hub(port, python_flags=()):
+#: The bench's load comes from one address: 500 streams at once and more.
+BENCH_CAPS = ("--max-connections", "4000", "--max-connections-per-address", "3000")
+
+
+def start_bench_hub(port, python_flags=(), caps=BENCH_CAPS):
     """Start ``serve`` as a user would; return (process, seconds to first 200)."""
     started = time.monotonic()
     hub = subprocess.Popen([sys.executable] + list(python_flags) + [
                             os.path.join(HERE, "gambiarra.py"), "serve", "--state", "",
                             "--host", "127.0.0.1", "--port", str(port), "--quiet",
-                            "--health-interval", "3600"],
+                            "--health-interval", "3600"] + list(caps),
                            stdin=subprocess.DEVNULL)
     while True:
         try:
@@ -4686,7 +4716,111 @@ def bench_big_answer(hub_pid, via_hub, direct, model="bench", others=()):
           "growth: %s" % (model, hub_s, direct_s, 1024 / hub_s, growth))
 
 
+def raise_own_file_limit():
+    """Room for the crowd of bench_crowd's connections (where the hard limit allows)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 8192 if hard == resource.RLIM_INFINITY else min(8192, hard)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+async def health_latency(port, count):
+    """Seconds of each of ``count`` GET /health on one keep-alive connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    times = []
+    for _ in range(count):
+        started = time.monotonic()
+        writer.write(b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)))
+        times.append(time.monotonic() - started)
+        await asyncio.sleep(0.01)
+    writer.close()
+    return times
+
+
+async def first_chunks(via_hub, count):
+    times = []
+    for _ in range(count):
+        (first, _, _, _, _), = await paced_streams(*via_hub, 1, 4, 0.02)
+        times.append(first)
+    return times
+
+
+async def bench_crowd(hub_pid, via_hub, label, crowd=2000):
+    """One attendee (127.0.0.2) holds ``crowd`` connections, half idle, half
+    dribbling a request head (a line every 2 s), while a client on 127.0.0.1
+    streams a chat and asks /health: first chunk and /health against the
+    same without the crowd, and the hub's threads and fds after."""
+    before_first, before_health = await first_chunks(via_hub, 20), await health_latency(
+        via_hub[0], 50)
+    await asyncio.sleep(0.2)  # the last connections' threads end
+    idle = proc_stat(hub_pid)  # with the backend connection the streams keep pooled
+    writers, stop = [], asyncio.Event()
+    for number in range(crowd):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", via_hub[0],
+                                                      local_addr=("127.0.0.2", 0))
+        except OSError:
+            break
+        writers.append(writer)
+        if number % 2:
+            writer.write(b"GET /health HTTP/1.1\r\n")
+
+    async def dribble():
+        while not stop.is_set():
+            for writer in writers[1::2]:
+                writer.write(b"X-Slow: 1\r\n")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2)
+    dribbling = asyncio.ensure_future(dribble())
+    wait_until(lambda: proc_stat(hub_pid)[1] >= idle[1] + len(writers), timeout=5)
+    crowded = proc_stat(hub_pid)
+    under_first, under_health = await first_chunks(via_hub, 20), await health_latency(
+        via_hub[0], 50)
+    stop.set()
+    await dribbling
+    for writer in writers:
+        writer.close()
+    await asyncio.gather(*(writer.wait_closed() for writer in writers), return_exceptions=True)
+    settled = wait_until(lambda: proc_stat(hub_pid)[1:3] <= idle[1:3], timeout=30)
+    after = proc_stat(hub_pid)
+    print("%d idle/slow connections from one address (%s): first chunk median %.3f ms "
+          "(%+.3f ms against %.3f ms without), /health p50 %.2f ms, p99 %.2f ms, max %.2f ms "
+          "(without: %.2f, %.2f, %.2f); hub threads/fds idle %d/%d, crowded %d/%d, RSS %.0f MiB, "
+          "after %d/%d (%s)" % (
+              len(writers), label, statistics.median(under_first) * 1000,
+              (statistics.median(under_first) - statistics.median(before_first)) * 1000,
+              statistics.median(before_first) * 1000, statistics.median(under_health) * 1000,
+              percentile(under_health, 0.99) * 1000, max(under_health) * 1000,
+              statistics.median(before_health) * 1000, percentile(before_health, 0.99) * 1000,
+              max(before_health) * 1000, idle[1], idle[2], crowded[1], crowded[2],
+              crowded[3] / 1024, after[1], after[2], "back to idle" if settled else "NOT back"))
+
+
+def bench_crowd_default_caps(backend_port):
+    """bench_crowd against a hub with the default caps: most of the crowd gets 503."""
+    port = free_port()
+    hub, _ = start_bench_hub(port, caps=())
+    try:
+        code = json.loads(urllib.request.urlopen(urllib.request.Request(
+            "http://127.0.0.1:%d/rooms" % port, data=b'{"name": "crowd"}', method="POST"),
+            timeout=WAIT_S).read())["room"]["code"]
+        join = json.dumps({"id": "bench", "nickname": "bench", "model": "bench-model",
+                           "endpoint": "http://127.0.0.1:%d" % backend_port}).encode()
+        urllib.request.urlopen(urllib.request.Request(
+            "http://127.0.0.1:%d/rooms/%s/join" % (port, code), data=join, method="POST"),
+            timeout=WAIT_S).read()
+        asyncio.run(bench_crowd(hub.pid, (port, "/rooms/%s/v1/chat/completions" % code),
+                                "default caps: 128 held, the rest refused"))
+    finally:
+        hub.terminate()
+        hub.wait(WAIT_S)
+
+
 def run_bench():
+    raise_own_file_limit()
     print("gambiarra %s relay benchmark, Python %s, %d CPUs" % (
         gambiarra.__version__, sys.version.split()[0], os.cpu_count()))
     backend = subprocess.Popen([sys.executable, __file__, "bench-backend"],
@@ -4718,6 +4852,8 @@ def run_bench():
         asyncio.run(bench_all(hub.pid, via_hub, direct))
         bench_tunnel(hub_port, code, backend_port, hub.pid)
         bench_http_server_backend(hub_port, code)
+        asyncio.run(bench_crowd(hub.pid, via_hub, "caps raised: all held"))
+        bench_crowd_default_caps(backend_port)
     finally:
         hub.terminate()
         hub.wait(WAIT_S)

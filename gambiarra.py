@@ -80,6 +80,7 @@ import heapq
 import hmac
 import http.client
 import http.server
+import io
 import itertools
 import json
 import logging
@@ -96,6 +97,11 @@ import tempfile
 import threading
 import time
 import urllib.parse
+
+try:
+    import resource  # POSIX only: the open-file limit
+except ImportError:
+    resource = None
 
 __version__ = "0.1.0"
 __all__ = ["Hub", "Agent", "ApiError", "GambiarraError", "main", "__version__"]
@@ -137,10 +143,52 @@ DEFAULT_MAX_CONCURRENT = 4
 SSE_KEEPALIVE_S = 15.0
 #: Events queued for one subscriber before it counts as stalled and is dropped.
 SUBSCRIBER_QUEUE_EVENTS = 1024
-#: A client connection idle (or not reading) this long is closed.
+#: A client connection idle (or not reading) this long is closed: between two
+#: requests, between two reads of a body, and while an answer waits to be read
+#: (sendall's timeout bounds the whole call since Python 3.5).
 CLIENT_IDLE_TIMEOUT_S = 120.0
 #: listen() backlog; the default of 5 stalls bursts of new connections.
 LISTEN_BACKLOG = 1024
+#: Client connections held at once (a thread each). Past it a new connection
+#: gets a canned 503 and is closed. Lowered at start to fit the open-file limit.
+DEFAULT_MAX_CONNECTIONS = 1000
+#: Connections one client address (an IPv6 /64) may hold at once, so one
+#: laptop cannot take every slot. A joined agent holds about maxConcurrent + 2.
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 128
+#: Open files kept back from the connection cap: the listening socket, the
+#: state file, mDNS, the watcher's selector, logging, stdio.
+FD_RESERVE = 64
+#: Open files a connection may need: its socket, and a backend connection
+#: while it relays a request to a direct participant.
+FDS_PER_CONNECTION = 2
+#: When the hub holds this share of its cap, idle keep-alive connections are
+#: closed after BUSY_KEEPALIVE_S instead of --client-timeout (nginx frees
+#: idle keep-alive connections the same way when it runs short).
+BUSY_SHARE = 0.75
+BUSY_KEEPALIVE_S = 5.0
+#: A whole request head (request line and headers) must arrive within this
+#: from the connection's start or the request's first byte (nginx's
+#: client_header_timeout); a client dribbling bytes is cut with a 408.
+DEFAULT_HEADER_TIMEOUT_S = 60.0
+#: A request body must keep up this rate after the grace (Apache's
+#: mod_reqtimeout body=20,MinRate=500: every 500 bytes buy a second more).
+DEFAULT_MIN_BODY_RATE = 500
+BODY_GRACE_S = 20.0
+#: accept() failing for lack of resources (out of file descriptors or
+#: memory) is retried after a pause, 5 ms doubling to 1 s, like Go's net/http:
+#: the pending connection keeps the listening socket readable, so retrying at
+#: once is a busy loop.
+ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+ACCEPT_BACKOFF_FIRST_S = 0.005
+ACCEPT_BACKOFF_MAX_S = 1.0
+#: Thread stack size of ``serve`` (the process default is 8 MiB on Linux,
+#: which a 32-bit Raspberry Pi's 3 GiB address space holds only ~350 times).
+#: Measured: 512 KiB segfaults CPython 3.8/3.9 on plain recursion to the
+#: default limit; 1 MiB holds it on 3.8-3.13, and JSON nesting up to 8,000
+#: levels on 3.13 (whose C recursion limit is far above what small stacks
+#: hold). Bodies nested deeper than MAX_JSON_DEPTH are refused before decoding.
+THREAD_STACK_BYTES = 1024 * 1024
+MAX_JSON_DEPTH = 512
 #: Bytes read from a backend at once while relaying a stream.
 RELAY_READ_BYTES = 16384
 #: Idle keep-alive connections kept per backend.
@@ -189,9 +237,11 @@ DRAIN_LIMIT_BYTES = 64 * 1024
 #: gets our answer instead of a reset (a "lingering close", RFC 9112 section 9.6).
 LINGER_BYTES = 4 * 1024 * 1024
 LINGER_S = 2.0
-#: Limits of a request's header block (the stdlib's own limits).
+#: Limits of a request's header block: lines (the stdlib's), bytes of one
+#: line (the stdlib's), bytes of all header lines (nginx takes 32 KiB, Go 1 MiB).
 MAX_HEADERS = 100
 MAX_HEADER_LINE_BYTES = 65536
+DEFAULT_MAX_HEADER_BYTES = 65536
 #: A relay still waiting on its backend after this long has its client watched
 #: for hanging up (and the watcher thread wakes this often).
 WATCH_GRACE_S = 0.1
@@ -458,6 +508,42 @@ def _byte_spans(text, spans):
     return {key: [(offsets[a], offsets[b]) for a, b in pairs] for key, pairs in spans.items()}
 
 
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+#: Opening brackets become "(", closing ones ")", anything else is dropped.
+_BRACKETS_ONLY = (bytes.maketrans(b"[{]}", b"(())"), bytes(set(range(256)) - set(b"[]{}")))
+_BRACKET_RUNS = re.compile(rb"\(+|\)+")
+#: Innermost pairs removed by bytes.replace before counting in Python: each
+#: pass takes one level off every nest, at C speed, while it shrinks the text.
+_JSON_PEEL_PASSES = 16
+
+
+def json_too_deep(raw, limit=MAX_JSON_DEPTH):
+    """True when the JSON in ``raw`` nests arrays and objects deeper than
+    ``limit``. Decoding recurses in C once per level, and on a small thread
+    stack (THREAD_STACK_BYTES) CPython 3.13 crashes the whole process before
+    its own recursion limit. Counting is enough for nearly every body; one
+    with more brackets than the limit is scanned, strings skipped (the scan
+    costs less than decoding such a body)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    brackets = _JSON_STRING.sub(b"", raw).translate(*_BRACKETS_ONLY)
+    for _ in range(_JSON_PEEL_PASSES):
+        if brackets.count(b"(") <= limit:
+            return False
+        before = len(brackets)
+        brackets = brackets.replace(b"()", b"")
+        limit -= len(brackets) < before
+        if len(brackets) > before * 15 // 16:  # few short nests: count them
+            break
+    depth = 0
+    for run in _BRACKET_RUNS.finditer(brackets):
+        step = len(run.group())
+        depth += step if run.group()[0] == 40 else -step  # 40 is "("
+        if depth > limit:
+            return True
+    return False
+
+
 class JsonBody:
     """A request's JSON object and the bytes it came as.
 
@@ -473,6 +559,9 @@ class JsonBody:
 
     def __init__(self, raw):
         self.raw = raw
+        if json_too_deep(raw):
+            raise ApiError(400, "Request body is nested too deeply to decode (keep JSON under "
+                                "%d levels)" % MAX_JSON_DEPTH, "invalid_json")
         try:
             text = raw.decode("utf-8")
             decoded = decode_members(text)
@@ -2842,13 +2931,23 @@ class Headers(dict):
 _REQUEST_VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
 
 
-def read_headers(rfile):
-    """Read a header block up to its blank line; ValueError if malformed or too big."""
+class HeadTooLarge(ValueError):
+    """A header block over one of its limits (431)."""
+
+
+def read_headers(rfile, max_bytes=DEFAULT_MAX_HEADER_BYTES):
+    """Read a header block up to its blank line, reading no more than
+    ``max_bytes`` in all; ValueError if malformed, HeadTooLarge if too big."""
     headers = Headers()
+    left = max_bytes
     for _ in range(MAX_HEADERS):
-        line = rfile.readline(MAX_HEADER_LINE_BYTES + 1)
+        line = rfile.readline(min(MAX_HEADER_LINE_BYTES, left) + 1)
+        if len(line) > left:
+            raise HeadTooLarge("Request headers are larger than the hub's limit of %d bytes"
+                               % max_bytes)
         if len(line) > MAX_HEADER_LINE_BYTES:
-            raise ValueError("Header line too long")
+            raise HeadTooLarge("Header line too long")
+        left -= len(line)
         if line in (b"\r\n", b"\n", b""):
             return headers
         name, colon, value = line.decode("iso-8859-1").partition(":")
@@ -2857,7 +2956,7 @@ def read_headers(rfile):
         name = name.lower()
         value = value.strip()
         headers[name] = headers[name] + ", " + value if name in headers else value
-    raise ValueError("Too many headers")
+    raise HeadTooLarge("Too many headers")
 
 
 def bearer_password_forms(token):
@@ -2870,6 +2969,45 @@ def bearer_password_forms(token):
     sent = token.encode("latin-1")
     as_latin1 = token.encode("utf-8")
     return (sent,) if as_latin1 == sent else (sent, as_latin1)
+
+
+class ConnectionReader(io.RawIOBase):
+    """The raw stream under a client connection's ``rfile``: ``recv`` with an
+    optional deadline for everything read until it is lifted (a request
+    head, a body at its minimum rate). A socket timeout bounds one ``recv``
+    only, so a client sending a byte every few seconds never trips it.
+
+    Unlike socket.SocketIO it can be read again after a timeout, so an idle
+    keep-alive connection can be checked on in slices.
+    """
+
+    def __init__(self, sock, timeout):
+        super().__init__()
+        self.sock = sock
+        self.timeout = timeout  # the longest wait for one recv
+        self.deadline = None    # time.monotonic() by which reading must be over
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            self.sock.settimeout(min(left, self.timeout))
+        return self.sock.recv_into(buffer)
+
+    def lift_deadline(self):
+        """Back to the plain per-recv timeout, which writes use too."""
+        if self.deadline is not None:
+            self.deadline = None
+            self.sock.settimeout(self.timeout)
+
+    def set_timeout(self, timeout):
+        self.deadline = None
+        self.timeout = timeout
+        self.sock.settimeout(timeout)
 
 
 class HubRequestHandler(http.server.BaseHTTPRequestHandler):
@@ -2889,12 +3027,18 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.hub = self.server.hub
         self.timeout = self.hub.client_timeout  # applied to the socket by setup()
+        self._started = time.monotonic()
         super().setup()
+        self.rfile.close()  # the stdlib's, for ours: a deadline can span many reads
+        self._reader = ConnectionReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+        self._fresh = True  # no request yet
         enable_keepalive(self.connection)
         self._linger = False
         self._lifeline = None  # the TunnelCall this connection accepted, until its upload
         self._head_sent = self._chunked = self._openai = False  # a 414 comes before
         self._body_read = True                                  # parse_request()
+        self._pace = None  # (start of the body's grace, bytes read) while a body is paced
 
     def finish(self):
         call = self._lifeline
@@ -2923,6 +3067,72 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 (stdlib signature)
         log.debug("%s %s", self.address_string(), printable(format % args))
+
+    def handle_one_request(self):
+        """The stdlib's, with deadlines it lacks: a fresh connection's first
+        head must arrive within --header-timeout of its start, a later one
+        within --header-timeout of its first byte; a kept-alive connection
+        waits --client-timeout for its next request, less when the hub is
+        crowded."""
+        self.close_connection = True
+        try:
+            if not self._request_begins():
+                return
+            if not self._read_head():
+                return
+            method = getattr(self, "do_" + self.command, None)
+            if method is None:
+                self.send_error(501, "Unsupported method %r" % printable(self.command[:20]))
+                return
+            method()
+        except socket.timeout as exc:  # a read or a write timed out: drop the connection
+            self.log_error("Request timed out: %r", exc)
+            self.close_connection = True
+
+    def _request_begins(self):
+        """Wait for the next request's first byte; False if none comes in time."""
+        if self._fresh:
+            self._fresh = False
+            self._reader.deadline = self._started + self.hub.header_timeout
+            return bool(self.rfile.peek(1))
+        if self._lifeline is not None:  # the upload comes when the model answers
+            return bool(self.rfile.peek(1))
+        return self._idle_until_request()
+
+    def _idle_until_request(self):
+        """A kept-alive connection waits for its next request in slices of
+        BUSY_KEEPALIVE_S: closed after --client-timeout, or at the end of a
+        slice while the hub is crowded (its slots go to new clients)."""
+        end = time.monotonic() + self.hub.client_timeout
+        while True:
+            self._reader.deadline = min(end, time.monotonic() + BUSY_KEEPALIVE_S)
+            try:
+                return bool(self.rfile.peek(1))
+            except socket.timeout:
+                if time.monotonic() >= end or self.server.crowded():
+                    return False
+            finally:
+                self._reader.deadline = None
+
+    def _read_head(self):
+        """Read and parse the request line and headers within --header-timeout
+        of their first byte: False once answered (an error) or dropped."""
+        self.command, self.request_version, self.requestline = None, "HTTP/0.9", ""
+        if self._reader.deadline is None:
+            self._reader.deadline = time.monotonic() + self.hub.header_timeout
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.send_error(414, "Request line too long")
+                return False
+            return bool(self.raw_requestline) and self.parse_request()
+        except socket.timeout:
+            self._reader.lift_deadline()
+            self.send_error(408, "The request head did not arrive within the hub's limit "
+                                 "of %g s" % self.hub.header_timeout)
+            return False
+        finally:
+            self._reader.lift_deadline()
 
     def do_GET(self):
         self._dispatch()
@@ -3001,7 +3211,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self._body_read = True                                  # alive connection
         if self._lifeline is not None:  # the agent's next request: its answer, normally
             self._lifeline = None
-            self.connection.settimeout(self.hub.client_timeout)
+            self._reader.set_timeout(self.hub.client_timeout)
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
         version = _REQUEST_VERSION.match(words[-1]) if len(words) == 3 else None
@@ -3015,10 +3225,11 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         if self.path.startswith("//"):  # gh-87389: never an absolute URI
             self.path = "/" + self.path.lstrip("/")
         try:
-            self.headers = read_headers(self.rfile)
+            self.headers = read_headers(self.rfile, self.hub.max_header_bytes)
         except ValueError as exc:
-            self.send_error(431 if "too" in str(exc) else 400, str(exc))
+            self.send_error(431 if isinstance(exc, HeadTooLarge) else 400, str(exc))
             return False
+        self._reader.lift_deadline()
         connection = self.headers.get("Connection", "").lower()
         self.close_connection = connection == "close" or (
             self.request_version == "HTTP/1.0" and connection != "keep-alive")
@@ -3082,21 +3293,41 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         """The whole request body (Content-Length or chunked), within --max-body."""
         return b"".join(self._body_pieces(self.hub.max_body))
 
-    def _body_pieces(self, limit):
+    def _body_pieces(self, limit, paced=True):
         """The request body piece by piece as it arrives (at most
         RELAY_READ_BYTES each), counting the bytes really read: 413 past
-        ``limit`` (None: no limit, for streamed uploads). A client that stalls
-        or hangs up mid-body is gone: ClientGone."""
+        ``limit`` (None: no limit, for streamed uploads). A ``paced`` body
+        must keep up --min-body-rate after BODY_GRACE_S (408 otherwise; a
+        tunnelled answer's upload is as slow as its model and is not paced).
+        A client that stalls or hangs up mid-body is gone: ClientGone."""
         self._body_read = True
         chunked = self._body_is_chunked()
         length = None if chunked else self._declared_length() or 0
         if limit is not None and length is not None and length > limit:
             raise self._too_large()
+        if paced and self.hub.min_body_rate:
+            self._pace = (time.monotonic() + BODY_GRACE_S, 0)
+            self._paced(0)
         try:
             yield from self._chunked_pieces(limit) if chunked else self._sized_pieces(length)
         except OSError:  # timeout or reset
             self.close_connection = True
+            deadline = self._reader.deadline
+            if self._pace is not None and deadline is not None and time.monotonic() >= deadline:
+                self._linger = True
+                raise ApiError(408, "The request body came slower than the hub's minimum of "
+                                    "%d bytes/s" % self.hub.min_body_rate, "request_timeout")
             raise ClientGone()
+        finally:
+            self._pace = None
+            self._reader.lift_deadline()
+
+    def _paced(self, received):
+        """Move the body's deadline: each --min-body-rate bytes buy a second."""
+        if self._pace is not None:
+            start, total = self._pace
+            self._pace = start, total + received
+            self._reader.deadline = start + (total + received) / self.hub.min_body_rate
 
     def _sized_pieces(self, length):
         while length:
@@ -3104,6 +3335,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             if not data:
                 raise ClientGone()
             length -= len(data)
+            self._paced(len(data))
             yield data
 
     def _chunked_pieces(self, limit):
@@ -3157,12 +3389,19 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         if length is None or length > DRAIN_LIMIT_BYTES:
             self.close_connection = self._linger = True
-        else:
+            return
+        self._reader.deadline = time.monotonic() + self.hub.header_timeout  # no slow drip
+        try:
             self.rfile.read(length)
+        except OSError:
+            self.close_connection = True
+        finally:
+            self._reader.lift_deadline()
 
     # -- writing responses --
 
     def _head(self, status, headers):
+        self._reader.lift_deadline()  # a write waits --client-timeout, never what is left of one
         reason = self.responses.get(status, ("Unknown",))[0]
         lines = ["HTTP/1.1 %d %s" % (status, reason), "Server: " + self.server_version,
                  "Date: " + http_date(), "Access-Control-Allow-Origin: *"]
@@ -3430,7 +3669,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(410, "Nobody waits for this request any more; drop it", "gone")
         self.send_json(200, {"success": True})
         self._lifeline = call
-        self.connection.settimeout(self.hub.backend_timeout)  # as long as the relay waits
+        self._reader.set_timeout(self.hub.backend_timeout)  # as long as the relay waits
 
     def route_tunnel_answer(self, code, participant_id, call_id):
         """The answer to a tunnelled request, uploaded as it comes (chunked):
@@ -3477,10 +3716,10 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
     def _upload_to(self, call, status, content_type):
         """Pass the upload's head and body to the waiting relay, piece by
         piece; False when the relay stopped wanting them (client gone)."""
-        self.connection.settimeout(self.hub.backend_timeout)  # a model may pause that long
+        self._reader.set_timeout(self.hub.backend_timeout)  # a model may pause that long
         if not call.answer.put(("head", status, content_type)):
             return False
-        for data in self._body_pieces(None):  # streamed on: no --max-body
+        for data in self._body_pieces(None, paced=False):  # streamed on: no --max-body
             if not call.answer.put(("data", data)):
                 return False
         self.hub.registry.saw_agent(call.code, call.participant_id)
@@ -3541,10 +3780,36 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self._relay(code, "/v1/embeddings")
 
 
-class HubServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer that knows its connections, so close() can end them.
+def address_key(host):
+    """Whom a connection counts against for the per-address cap: its IPv4
+    address, or the /64 of an IPv6 one (a single machine may hold a whole
+    /64, and pick a new address from it for each connection)."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    if ":" not in host:
+        return host
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+    except (OSError, ValueError):
+        return host
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
 
-    ``_lock`` guards ``_connections`` (socket -> handler thread).
+
+def canned_answer(status, reason, message):
+    """A whole JSON error answer that closes its connection, as bytes."""
+    body = json_bytes({"error": message})
+    return ("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            "Retry-After: %d\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n\r\n"
+            % (status, reason, len(body), RETRY_AFTER_S)).encode("ascii") + body
+
+
+class HubServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer that knows its connections, so close() can end
+    them, caps them (in all and per client address) and backs off when
+    accept() runs out of resources.
+
+    ``_lock`` guards ``_connections`` (socket -> (handler thread, address
+    key)) and ``_per_address`` (address key -> connections).
     """
 
     daemon_threads = True
@@ -3555,20 +3820,102 @@ class HubServer(http.server.ThreadingHTTPServer):
         self.hub = hub
         self._lock = threading.Lock()
         self._connections = {}
+        self._per_address = collections.Counter()
+        self._accept_pause = 0.0  # the current backoff after accept() failed, 0 when fine
+        self._stopping = threading.Event()
+        self._refusals_logged_at = -WARN_EVERY_S
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, HubRequestHandler)
 
+    def get_request(self):
+        """accept(), pausing after a failure for lack of resources: the
+        connection still waiting makes the socket readable at once, so
+        retrying at once would spin a core (socketserver ignores the error)."""
+        try:
+            accepted = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in ACCEPT_RESOURCE_ERRORS:
+                self._back_off(exc)
+            raise
+        if self._accept_pause:
+            self._accept_pause = 0.0
+            log.info("accepting connections again")
+        return accepted
+
+    def _back_off(self, exc):
+        """Wait 5 ms, doubling to 1 s while accept() keeps failing; one log line per burst."""
+        if not self._accept_pause:
+            log.warning("cannot accept connections: %s (%d open connections); retrying every "
+                        "%g s at most", exc.strerror or exc, len(self._connections),
+                        ACCEPT_BACKOFF_MAX_S)
+        self._accept_pause = min(max(self._accept_pause * 2, ACCEPT_BACKOFF_FIRST_S),
+                                 ACCEPT_BACKOFF_MAX_S)
+        self._stopping.wait(self._accept_pause)
+
+    def shutdown(self):
+        self._stopping.set()
+        super().shutdown()
+
     def process_request(self, request, client_address):
+        key = address_key(client_address[0])
         thread = threading.Thread(target=self.process_request_thread,
                                   args=(request, client_address), name="http", daemon=True)
         with self._lock:
-            self._connections[request] = thread
+            refusal = self._refusal(key)
+            if refusal is None:
+                self._connections[request] = (thread, key)
+                self._per_address[key] += 1
+        if refusal is not None:
+            self._refuse(request, refusal)
+            return
         thread.start()
+
+    def _refusal(self, key):
+        """Why a new connection from ``key`` is refused, or None (under the lock)."""
+        if len(self._connections) >= self.hub.max_connections:
+            return ("The hub holds its limit of %d connections; try again in a few seconds"
+                    % self.hub.max_connections)
+        if self._per_address[key] >= self.hub.max_connections_per_address:
+            return ("Your address holds the hub's limit of %d connections per address; close "
+                    "some or try again later" % self.hub.max_connections_per_address)
+        return None
+
+    def _refuse(self, request, message):
+        """503 and close, from the accept thread: a fresh socket's send buffer
+        takes the small answer whole, so nothing here can block, and no
+        thread is started for it. What the client sent already is read first,
+        so that the close is a FIN, not a reset that could lose the answer."""
+        now = time.monotonic()
+        if now - self._refusals_logged_at >= WARN_EVERY_S:
+            self._refusals_logged_at = now
+            log.warning("refusing connections with 503: %s", message)
+        try:
+            request.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(16):
+                    if not request.recv(4096):
+                        break
+            request.send(canned_answer(503, "Service Unavailable", message))
+        except OSError:
+            pass
+        finally:
+            request.close()
+
+    def open_connections(self):
+        return len(self._connections)
+
+    def crowded(self):
+        """True when idle keep-alive connections should make room (BUSY_SHARE of the cap)."""
+        return len(self._connections) >= self.hub.max_connections * BUSY_SHARE
 
     def shutdown_request(self, request):
         with self._lock:
-            self._connections.pop(request, None)
+            _, key = self._connections.pop(request, (None, None))
+            if key is not None:
+                self._per_address[key] -= 1
+                if not self._per_address[key]:
+                    del self._per_address[key]
         super().shutdown_request(request)
 
     def handle_error(self, request, client_address):
@@ -3588,8 +3935,35 @@ class HubServer(http.server.ThreadingHTTPServer):
             except OSError:
                 pass
         deadline = time.monotonic() + timeout
-        for _, thread in connections:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for _, (thread, _) in connections:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def open_file_limit():
+    """The soft limit of open files (RLIMIT_NOFILE), or None if there is none."""
+    if resource is None:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_open_file_limit(connections):
+    """Raise the soft open-file limit toward the hard one, as far as
+    ``connections`` need (Go raises it at start too): many systems keep a
+    soft 1024 that holds far fewer connections than the machine can.
+    Process-wide, so ``serve`` does it, never an imported Hub."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FD_RESERVE + FDS_PER_CONNECTION * connections
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.debug("cannot raise the open files limit to %d: %s", wanted, exc)
 
 
 class Hub:
@@ -3612,7 +3986,11 @@ class Hub:
                  sse_keepalive=SSE_KEEPALIVE_S,
                  client_timeout=CLIENT_IDLE_TIMEOUT_S, mdns=False, mdns_options=None,
                  max_password_checks=DEFAULT_MAX_PASSWORD_CHECKS,
-                 password_failures=DEFAULT_PASSWORD_FAILURES):
+                 password_failures=DEFAULT_PASSWORD_FAILURES,
+                 max_connections=DEFAULT_MAX_CONNECTIONS,
+                 max_connections_per_address=DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+                 header_timeout=DEFAULT_HEADER_TIMEOUT_S, min_body_rate=DEFAULT_MIN_BODY_RATE,
+                 max_header_bytes=DEFAULT_MAX_HEADER_BYTES):
         self.host = host
         self.port = port
         self.max_body = max_body
@@ -3626,6 +4004,12 @@ class Hub:
         self.sse_keepalive = sse_keepalive
         self.client_timeout = client_timeout
         self.queue_timeout = queue_timeout
+        #: The connection cap asked for; start() lowers it to fit the open-file limit.
+        self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
+        self.header_timeout = header_timeout
+        self.min_body_rate = min_body_rate
+        self.max_header_bytes = max_header_bytes
         #: How this hub names itself in Via headers, to notice requests that loop.
         self.via_name = "gambiarra-" + secrets.token_hex(6)
         self.registry = Registry(participant_timeout, forget_after, room_ttl,
@@ -3648,6 +4032,7 @@ class Hub:
         state file is unusable, OSError (e.g. EADDRINUSE) if the port is taken."""
         if self.state is not None:
             self._restore_rooms()
+        self._fit_connection_cap()
         self.server = HubServer((self.host, self.port), self)
         if self.state is not None:
             self.state.start()
@@ -3672,6 +4057,19 @@ class Hub:
         if self.mdns:
             self._start_mdns()
         return self
+
+    def _fit_connection_cap(self):
+        """Lower the connection cap so that every connection can also open a
+        backend connection without running out of file descriptors."""
+        limit = open_file_limit()
+        fits = max(1, (limit - FD_RESERVE) // FDS_PER_CONNECTION) if limit else None
+        if fits is not None and fits < self.max_connections:
+            log.info("connection cap lowered from %d to %d to fit the limit of %d open files "
+                     "(ulimit -n)", self.max_connections, fits, limit)
+            self.max_connections = fits
+        else:
+            log.debug("connection cap %d (%d per address; open files limit: %s)",
+                      self.max_connections, self.max_connections_per_address, limit)
 
     def _start_mdns(self):
         """Advertise the hub on the local network; a machine that cannot do
@@ -5977,6 +6375,28 @@ def build_parser():
                             "it gets 429 for %g s, doubled at each further wrong one up to "
                             "%g s (default: %%(default)s)"
                             % (PASSWORD_PENALTY_S, PASSWORD_PENALTY_MAX_S))
+    serve.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+                       metavar="N", help="client connections held at once; more get 503 "
+                                         "(default: %(default)s, lowered to fit ulimit -n)")
+    serve.add_argument("--max-connections-per-address", type=positive_int,
+                       default=DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, metavar="N",
+                       help="client connections one address (an IPv6 /64) holds at once; "
+                            "more get 503 (default: %(default)s)")
+    serve.add_argument("--client-timeout", type=positive_float, default=CLIENT_IDLE_TIMEOUT_S,
+                       metavar="S", help="a client connection idle between requests, silent "
+                                         "mid-body or not reading its answer this long is "
+                                         "closed (default: %(default)s)")
+    serve.add_argument("--header-timeout", type=positive_float,
+                       default=DEFAULT_HEADER_TIMEOUT_S, metavar="S",
+                       help="a request's whole head must arrive within this; then 408 "
+                            "(default: %(default)s)")
+    serve.add_argument("--min-body-rate", type=positive_int, default=DEFAULT_MIN_BODY_RATE,
+                       metavar="BYTES", help="bytes/s a request body must keep up after %g s; "
+                                             "then 408 (default: %%(default)s)" % BODY_GRACE_S)
+    serve.add_argument("--max-header-bytes", type=positive_int,
+                       default=DEFAULT_MAX_HEADER_BYTES, metavar="BYTES",
+                       help="largest header block of a request; then 431 "
+                            "(default: %(default)s)")
     serve.set_defaults(func=cmd_serve)
 
     create = add_command(
@@ -6261,7 +6681,16 @@ def cmd_serve(args):
               room_ttl=args.room_ttl, queue_timeout=args.queue_timeout,
               state_path=default_state_path(args.port) if args.state is None else args.state,
               max_password_checks=args.max_password_checks,
-              password_failures=args.password_failures)
+              password_failures=args.password_failures,
+              client_timeout=args.client_timeout, max_connections=args.max_connections,
+              max_connections_per_address=args.max_connections_per_address,
+              header_timeout=args.header_timeout, min_body_rate=args.min_body_rate,
+              max_header_bytes=args.max_header_bytes)
+    # Process-wide settings, so here and not in Hub.start(): every thread of
+    # this process is the hub's (see THREAD_STACK_BYTES), and the file limit
+    # sets how many connections it can hold.
+    threading.stack_size(THREAD_STACK_BYTES)
+    raise_open_file_limit(args.max_connections)
     # Handlers first: a SIGTERM that comes while the hub starts still stops it cleanly.
     with stop_signals() as (stop, seen):
         serve_until(hub, stop, args)

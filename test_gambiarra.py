@@ -12,6 +12,7 @@ stops everything it started.
 import collections
 import contextlib
 import errno
+import functools
 import http.client
 import http.server
 import io
@@ -32,6 +33,7 @@ import threading
 import time
 import unittest
 import unittest.mock
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -730,6 +732,365 @@ class TestClientFaults(HubTestCase):
                               + body)
             self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (header, answer[:60]))
         self.assertEqual(self.request("GET", "/rooms")[2], {"rooms": []})
+
+
+# === Safe on a shared Wi-Fi: connections ===
+#
+# One attendee with a laptop must not take the hub down at the connection
+# level. Limits are small here so the tests are fast; the big numbers are in
+# the benchmark (python3 test_gambiarra.py bench).
+
+def connect(port, source="127.0.0.1"):
+    """A raw client connection from ``source`` (Linux routes all of 127/8 to lo)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=WAIT_S,
+                                    source_address=(source, 0))
+
+
+def read_all(sock):
+    """Everything the hub sends until it closes (bounded by the socket timeout)."""
+    data = b""
+    while True:
+        try:
+            piece = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not piece:
+            return data
+        data += piece
+
+
+def dribble(sock, data, gap):
+    """Send ``data`` a piece every ``gap`` seconds (a slow client's own pace,
+    not synchronisation) until the hub answers or closes; return the answer
+    and the seconds it took."""
+    started = time.monotonic()
+    for piece in data:
+        readable, _, _ = select.select([sock], [], [], gap)
+        if readable:
+            break
+        try:
+            sock.sendall(piece)
+        except OSError:
+            break
+    return read_all(sock), time.monotonic() - started
+
+
+class TestConnectionCaps(HubTestCase):
+    """Past the cap a new connection gets a canned 503 and is closed; one
+    address cannot take every slot."""
+
+    hub_options = {"max_connections": 3, "max_connections_per_address": 2}
+
+    def setUp(self):
+        super().setUp()
+        self.logs = CapturedLogs(self, logging.INFO)
+
+    def hold(self, source):
+        sock = connect(self.port, source)
+        self.addCleanup(sock.close)
+        return sock
+
+    def held(self, count):
+        return wait_until(lambda: self.hub.server.open_connections() == count)
+
+    def test_past_the_cap_a_503_naming_the_limit_then_room_again(self):
+        first = [self.hold("127.0.0.1"), self.hold("127.0.0.2"), self.hold("127.0.0.3")]
+        self.assertTrue(self.held(3))
+        threads = threading.active_count()
+        for _ in range(5):
+            with connect(self.port, "127.0.0.4") as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = read_all(sock)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 503 "), answer)
+            self.assertIn(b"Connection: close", head)
+            self.assertIn(b"Retry-After: ", head)
+            self.assertIn("limit of 3 connections", json.loads(body)["error"])
+        self.assertEqual(threading.active_count(), threads)  # no thread for a refusal
+        refusals = [m for m in self.logs.at(logging.WARNING) if "refusing" in m]
+        self.assertEqual(len(refusals), 1, refusals)  # one line per minute, not per refusal
+        first[0].close()
+        self.assertTrue(self.held(2))
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+
+    def test_one_address_cannot_take_every_slot(self):
+        self.hold("127.0.0.2")
+        self.hold("127.0.0.2")
+        self.assertTrue(self.held(2))
+        with connect(self.port, "127.0.0.2") as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = read_all(sock)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
+        self.assertIn(b"limit of 2 connections per address", answer)
+        self.assertEqual(self.request("GET", "/health")[0], 200)  # another address
+
+    def test_the_cap_fits_the_open_file_limit(self):
+        with unittest.mock.patch.object(gambiarra, "open_file_limit", return_value=200):
+            with gambiarra.Hub(max_connections=1000) as hub:
+                self.assertEqual(hub.max_connections, (200 - gambiarra.FD_RESERVE) // 2)
+        with unittest.mock.patch.object(gambiarra, "open_file_limit", return_value=None):
+            with gambiarra.Hub(max_connections=1000) as hub:
+                self.assertEqual(hub.max_connections, 1000)
+
+    def test_addresses_counted_per_ipv4_address_and_ipv6_64(self):
+        key = gambiarra.address_key
+        self.assertEqual(key("192.168.1.5"), "192.168.1.5")
+        self.assertEqual(key("::ffff:192.168.1.5"), "192.168.1.5")
+        self.assertEqual(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::2"))
+        self.assertNotEqual(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"))
+
+
+class TestCrowdedKeepAlive(HubTestCase):
+    """Idle keep-alive connections make room when the hub is nearly full."""
+
+    hub_options = {"max_connections": 4, "client_timeout": 5}
+
+    def setUp(self):
+        super().setUp()
+        patcher = unittest.mock.patch.object(gambiarra, "BUSY_KEEPALIVE_S", 0.05)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def kept_alive(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/health")
+        self.assertEqual(conn.getresponse().read()[:1], b"{")
+        return conn
+
+    def test_idle_keep_alive_lasts_the_client_timeout_when_there_is_room(self):
+        conn = self.kept_alive()
+        readable, _, _ = select.select([conn.sock], [], [], 0.2)  # no EOF: still open
+        self.assertEqual(readable, [])
+
+    def test_idle_keep_alive_closed_when_the_hub_is_crowded(self):
+        conn = self.kept_alive()
+        for _ in range(2):  # with the kept-alive one: 3 of 4, the crowded share
+            self.addCleanup(connect(self.port).close)
+        started = time.monotonic()
+        readable, _, _ = select.select([conn.sock], [], [], WAIT_S)
+        self.assertEqual(readable, [conn.sock])
+        self.assertEqual(conn.sock.recv(1), b"")  # closed without an answer
+        self.assertLess(time.monotonic() - started, 2)
+
+
+class FlakyListener:
+    """The hub's listening socket, whose accept() fails with EMFILE for a while."""
+
+    def __init__(self, real, failing_s):
+        self.real, self.until, self.attempts = real, time.monotonic() + failing_s, 0
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def accept(self):
+        self.attempts += 1
+        if time.monotonic() < self.until:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.real.accept()
+
+
+class TestAcceptBackoff(HubTestCase):
+    def test_out_of_file_descriptors_backs_off_instead_of_spinning(self):
+        logs = CapturedLogs(self, logging.INFO)
+        server = self.hub.server
+        flaky = FlakyListener(server.socket, 0.3)
+        server.socket = flaky
+        self.addCleanup(setattr, server, "socket", flaky.real)
+        started = time.monotonic()
+        self.assertEqual(self.request("GET", "/health")[0], 200)  # served once it works
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+        # 5, 10, 20 ... 160 ms: 7 or 8 attempts in 0.3 s, where a busy loop makes thousands.
+        self.assertLessEqual(flaky.attempts, 10)
+        warnings = logs.at(logging.WARNING)
+        self.assertEqual(len(warnings), 1, warnings)  # one line per burst
+        self.assertIn("Too many open files", warnings[0])
+        self.assertIn("accepting connections again", logs.at(logging.INFO))
+
+
+class TestHeadDeadline(HubTestCase):
+    """A whole request head must arrive within --header-timeout, however it is
+    dribbled; a kept-alive connection still waits --client-timeout between
+    requests."""
+
+    hub_options = {"header_timeout": 0.3, "client_timeout": 5}
+
+    def test_a_client_dribbling_its_head_gets_408_at_the_deadline(self):
+        with connect(self.port) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+            answer, took = dribble(sock, [b"X-Slow: %d\r\n" % i for i in range(200)], 0.05)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assertIn(b"Connection: close", answer)
+        self.assertIn(b"0.3 s", answer)
+        self.assertLess(took, 2)
+
+    def test_a_dribbled_request_line_counts_too(self):
+        with connect(self.port) as sock:
+            answer, took = dribble(sock, [b"G"] + [b"E"] * 200, 0.05)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+
+    def test_a_connection_that_sends_nothing_is_closed_without_an_answer(self):
+        with connect(self.port) as sock:
+            started = time.monotonic()
+            self.assertEqual(read_all(sock), b"")
+            self.assertLess(time.monotonic() - started, 2)
+
+    def test_the_deadline_starts_again_with_each_request(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/health")
+        self.assertEqual(conn.getresponse().read()[:1], b"{")
+        readable, _, _ = select.select([conn.sock], [], [], 0.4)  # past the head deadline
+        self.assertEqual(readable, [])  # idle between requests: kept
+        conn.request("GET", "/health")
+        self.assertEqual(conn.getresponse().status, 200)
+
+
+class TestHeaderBlockLimit(HubTestCase):
+    def test_headers_over_64_kib_in_all_get_431_naming_the_limit(self):
+        lines = b"".join(b"X-Big-%d: %s\r\n" % (i, b"v" * 30000) for i in range(3))
+        with connect(self.port) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n")
+            answer = read_all(sock)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer[:80])
+        self.assertIn(b"limit of 65536 bytes", answer)
+        status, _, _ = self.request("GET", "/health", headers={"X-Big": "v" * 60000})
+        self.assertEqual(status, 200)
+
+    def test_the_limit_is_settable(self):
+        self.hub.max_header_bytes = 1000
+        status, _, answer = self.request("GET", "/health", headers={"X-Big": "v" * 1000})
+        self.assertEqual(status, 431)
+        self.assertIn("1000 bytes", answer["error"])
+        self.assertEqual(self.request("GET", "/health", headers={"X-Small": "v" * 500})[0], 200)
+
+
+class TestMinBodyRate(HubTestCase):
+    """A body must keep up --min-body-rate after its grace; a tunnelled
+    answer's upload, as slow as its model, need not."""
+
+    hub_options = {"min_body_rate": 1000, "client_timeout": 5}
+
+    def setUp(self):
+        super().setUp()
+        patcher = unittest.mock.patch.object(gambiarra, "BODY_GRACE_S", 0.1)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_a_body_slower_than_the_minimum_rate_gets_408(self):
+        with connect(self.port) as sock:
+            sock.sendall(b"POST /rooms HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: 100000\r\n\r\n")
+            answer, took = dribble(sock, [b"x" * 10] * 1000, 0.02)  # 500 bytes/s
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assertIn(b"1000 bytes/s", answer)
+        self.assertLess(took, 2)
+
+    def test_a_body_at_the_rate_is_read(self):
+        body = json.dumps({"name": "x" * 150}).encode()
+        with connect(self.port) as sock:
+            sock.sendall(b"POST /rooms HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+            answer, _ = dribble(sock, [body[i:i + 40] for i in range(0, len(body), 40)], 0.02)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer)
+
+    def test_a_tunnelled_answer_uploads_at_its_models_pace(self):
+        code = self.create_room()
+        self.join(code, self.backend(), transport="tunnel", endpoint="http://127.0.0.1:9")
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/rooms/%s/v1/chat/completions" % code, body=json.dumps(
+            {"model": "alice", "stream": True}), headers={"Content-Type": "application/json"})
+        status, _, job = self.request("GET", "/rooms/%s/tunnel/alice?wait=5" % code,
+                                      headers=self.secret_header(code, "alice"))
+        self.assertEqual(status, 200)
+
+        def slow_model():
+            for i in range(6):
+                time.sleep(0.04)  # the model's own pace: 200 bytes/s
+                yield b"data: %d\n\n" % i
+        status, _, _ = self.request(
+            "POST", "/rooms/%s/tunnel/alice/%s" % (code, job["requestId"]), raw=slow_model(),
+            headers=dict(self.secret_header(code, "alice"), **{
+                "X-Gambiarra-Status": "200", "Content-Type": "text/event-stream"}))
+        self.assertEqual(status, 200)
+        self.assertEqual(conn.getresponse().read().count(b"data: "), 6)
+
+
+class TestSendDeadline(HubTestCase):
+    """Answers are never buffered by the hub: one waits in the kernel until
+    the client reads it or --client-timeout passes (sendall's timeout bounds
+    the whole call since Python 3.5), then the connection is dropped."""
+
+    hub_options = {"client_timeout": 0.3}
+
+    def test_a_client_that_pipelines_and_never_reads_is_dropped(self):
+        self.create_room("x" * 200)  # answers of about 300 bytes
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", self.port))
+        sock.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):  # until the hub stops reading
+            while sent < 50 * 1024 * 1024:
+                sent += sock.send(b"GET /rooms HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+        self.assertLess(sent, 50 * 1024 * 1024)  # the hub stopped reading: no answers piling up
+        started = time.monotonic()
+        self.assertTrue(wait_until(lambda: self.hub.server.open_connections() == 0))
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+
+
+class TestDeepJsonInServe(unittest.TestCase):
+    """``serve`` runs its threads on a small stack (THREAD_STACK_BYTES): a
+    body nested deep enough to overflow it is refused before decoding, on
+    every interpreter, and the hub stays up."""
+
+    def test_deeply_nested_json_is_a_400_and_the_hub_stays_up(self):
+        process, url, _ = TestServeProcess.start_serve(self, args=["--state", ""])
+        for deep in (b"[" * 100000 + b"]" * 100000,
+                     b'{"name": ' + b'{"a":' * 100000 + b"1" + b"}" * 100001,
+                     b'{"name": "ok", "text": "' + b"[" * 100000 + b'"}'):
+            request = urllib.request.Request(url + "/rooms", data=deep, method="POST",
+                                              headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=WAIT_S) as response:
+                    status, answer = response.status, json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                status, answer = exc.code, json.loads(exc.read())
+                exc.close()
+            if deep.startswith(b'{"name": "ok"'):  # brackets in a string are text
+                self.assertEqual(status, 201, answer)
+            else:
+                self.assertEqual(status, 400, answer)
+                self.assertIn("nested too deeply", answer["error"])
+        with urllib_open(url + "/health") as response:
+            self.assertEqual(response.status, 200)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(WAIT_S), 0)
+
+    @unittest.skipUnless(os.path.exists("/proc/self/limits"), "reads /proc")
+    def test_serve_raises_the_open_file_limit_as_far_as_its_cap_needs(self):
+        try:
+            import resource
+        except ImportError:
+            self.skipTest("no resource module")
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and hard < 400:
+            self.skipTest("hard open files limit too low")
+
+        def low_soft_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+        with unittest.mock.patch("subprocess.Popen", functools.partial(
+                subprocess.Popen, preexec_fn=low_soft_limit)):
+            process, url, _ = TestServeProcess.start_serve(
+                self, args=["--state", "", "--max-connections", "150"])
+        with open("/proc/%d/limits" % process.pid) as f:
+            limit = re.search(r"Max open files\s+(\d+)", f.read()).group(1)
+        self.assertEqual(int(limit), gambiarra.FD_RESERVE + 2 * 150)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(WAIT_S), 0)
 
 
 class TestBodyLimit(HubTestCase):
@@ -5068,13 +5429,17 @@ def proc_stat(pid):
     return cpu, len(os.listdir("/proc/%d/task" % pid)), len(os.listdir("/proc/%d/fd" % pid)), rss
 
 
-def start_bench_hub(port, python_flags=()):
+#: The bench's load comes from one address: 500 streams at once and more.
+BENCH_CAPS = ("--max-connections", "4000", "--max-connections-per-address", "3000")
+
+
+def start_bench_hub(port, python_flags=(), caps=BENCH_CAPS):
     """Start ``serve`` as a user would; return (process, seconds to first 200)."""
     started = time.monotonic()
     hub = subprocess.Popen([sys.executable] + list(python_flags) + [
                             os.path.join(HERE, "gambiarra.py"), "serve", "--state", "",
                             "--host", "127.0.0.1", "--port", str(port), "--quiet",
-                            "--health-interval", "3600"],
+                            "--health-interval", "3600"] + list(caps),
                            stdin=subprocess.DEVNULL)
     while True:
         try:
@@ -5197,7 +5562,111 @@ def bench_big_answer(hub_pid, via_hub, direct, model="bench", others=()):
           "growth: %s" % (model, hub_s, direct_s, 1024 / hub_s, growth))
 
 
+def raise_own_file_limit():
+    """Room for the crowd of bench_crowd's connections (where the hard limit allows)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 8192 if hard == resource.RLIM_INFINITY else min(8192, hard)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+async def health_latency(port, count):
+    """Seconds of each of ``count`` GET /health on one keep-alive connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    times = []
+    for _ in range(count):
+        started = time.monotonic()
+        writer.write(b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)))
+        times.append(time.monotonic() - started)
+        await asyncio.sleep(0.01)
+    writer.close()
+    return times
+
+
+async def first_chunks(via_hub, count):
+    times = []
+    for _ in range(count):
+        (first, _, _, _, _), = await paced_streams(*via_hub, 1, 4, 0.02)
+        times.append(first)
+    return times
+
+
+async def bench_crowd(hub_pid, via_hub, label, crowd=2000):
+    """One attendee (127.0.0.2) holds ``crowd`` connections, half idle, half
+    dribbling a request head (a line every 2 s), while a client on 127.0.0.1
+    streams a chat and asks /health: first chunk and /health against the
+    same without the crowd, and the hub's threads and fds after."""
+    before_first, before_health = await first_chunks(via_hub, 20), await health_latency(
+        via_hub[0], 50)
+    await asyncio.sleep(0.2)  # the last connections' threads end
+    idle = proc_stat(hub_pid)  # with the backend connection the streams keep pooled
+    writers, stop = [], asyncio.Event()
+    for number in range(crowd):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", via_hub[0],
+                                                      local_addr=("127.0.0.2", 0))
+        except OSError:
+            break
+        writers.append(writer)
+        if number % 2:
+            writer.write(b"GET /health HTTP/1.1\r\n")
+
+    async def dribble():
+        while not stop.is_set():
+            for writer in writers[1::2]:
+                writer.write(b"X-Slow: 1\r\n")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2)
+    dribbling = asyncio.ensure_future(dribble())
+    wait_until(lambda: proc_stat(hub_pid)[1] >= idle[1] + len(writers), timeout=5)
+    crowded = proc_stat(hub_pid)
+    under_first, under_health = await first_chunks(via_hub, 20), await health_latency(
+        via_hub[0], 50)
+    stop.set()
+    await dribbling
+    for writer in writers:
+        writer.close()
+    await asyncio.gather(*(writer.wait_closed() for writer in writers), return_exceptions=True)
+    settled = wait_until(lambda: proc_stat(hub_pid)[1:3] <= idle[1:3], timeout=30)
+    after = proc_stat(hub_pid)
+    print("%d idle/slow connections from one address (%s): first chunk median %.3f ms "
+          "(%+.3f ms against %.3f ms without), /health p50 %.2f ms, p99 %.2f ms, max %.2f ms "
+          "(without: %.2f, %.2f, %.2f); hub threads/fds idle %d/%d, crowded %d/%d, RSS %.0f MiB, "
+          "after %d/%d (%s)" % (
+              len(writers), label, statistics.median(under_first) * 1000,
+              (statistics.median(under_first) - statistics.median(before_first)) * 1000,
+              statistics.median(before_first) * 1000, statistics.median(under_health) * 1000,
+              percentile(under_health, 0.99) * 1000, max(under_health) * 1000,
+              statistics.median(before_health) * 1000, percentile(before_health, 0.99) * 1000,
+              max(before_health) * 1000, idle[1], idle[2], crowded[1], crowded[2],
+              crowded[3] / 1024, after[1], after[2], "back to idle" if settled else "NOT back"))
+
+
+def bench_crowd_default_caps(backend_port):
+    """bench_crowd against a hub with the default caps: most of the crowd gets 503."""
+    port = free_port()
+    hub, _ = start_bench_hub(port, caps=())
+    try:
+        code = json.loads(urllib.request.urlopen(urllib.request.Request(
+            "http://127.0.0.1:%d/rooms" % port, data=b'{"name": "crowd"}', method="POST"),
+            timeout=WAIT_S).read())["room"]["code"]
+        join = json.dumps({"id": "bench", "nickname": "bench", "model": "bench-model",
+                           "endpoint": "http://127.0.0.1:%d" % backend_port}).encode()
+        urllib.request.urlopen(urllib.request.Request(
+            "http://127.0.0.1:%d/rooms/%s/join" % (port, code), data=join, method="POST"),
+            timeout=WAIT_S).read()
+        asyncio.run(bench_crowd(hub.pid, (port, "/rooms/%s/v1/chat/completions" % code),
+                                "default caps: 128 held, the rest refused"))
+    finally:
+        hub.terminate()
+        hub.wait(WAIT_S)
+
+
 def run_bench():
+    raise_own_file_limit()
     print("gambiarra %s relay benchmark, Python %s, %d CPUs" % (
         gambiarra.__version__, sys.version.split()[0], os.cpu_count()))
     backend = subprocess.Popen([sys.executable, __file__, "bench-backend"],
@@ -5229,6 +5698,8 @@ def run_bench():
         asyncio.run(bench_all(hub.pid, via_hub, direct))
         bench_tunnel(hub_port, code, backend_port, hub.pid)
         bench_http_server_backend(hub_port, code)
+        asyncio.run(bench_crowd(hub.pid, via_hub, "caps raised: all held"))
+        bench_crowd_default_caps(backend_port)
     finally:
         hub.terminate()
         hub.wait(WAIT_S)

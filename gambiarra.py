@@ -1635,7 +1635,7 @@ THIS_HOST_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 #: Documentation addresses (RFC 5737, RFC 3849) that no machine has: where a
 #: socket binds to one, the system binds to any address (Linux's
 #: ip_nonlocal_bind), and binding tells nothing about what is ours.
-UNASSIGNED_ADDRESSES = {socket.AF_INET: "192.0.2.1", socket.AF_INET6: "2001:db8::1"}
+UNASSIGNED_ADDRESSES = {socket.AF_INET: "203.0.113.254", socket.AF_INET6: "2001:db8::fffe"}
 
 
 def plain_address(text):
@@ -3393,12 +3393,13 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         only there (and tell which ports are open) for whoever asks."""
         reason = endpoint_trouble(endpoint)
         if reason is not None:
-            raise ApiError(400, "Field 'endpoint' leads to the hub's own machine (%s): the hub "
-                                "calls such endpoints only for participants that join from "
-                                "that machine. The organiser can register a server running "
-                                "there by joining from the hub's machine itself; anyone else "
-                                "names an address of their own machine, or joins with the "
-                                "default tunnel (python3 gambiarra.py join CODE)" % reason,
+            raise ApiError(400, "Field 'endpoint' is off limits to a participant on another "
+                                "machine (%s): the hub calls loopback, link-local and its own "
+                                "addresses only for participants that join from its own "
+                                "machine. The organiser can register a server running on the "
+                                "hub's machine by joining from that machine itself; anyone "
+                                "else names an address of their own machine, or joins with "
+                                "the default tunnel (python3 gambiarra.py join CODE)" % reason,
                            "invalid_endpoint")
 
     def _participant_secret(self, body):

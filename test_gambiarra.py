@@ -1618,8 +1618,8 @@ class TestEndpointsOnTheHubMachine(HubTestCase):
         for endpoint in endpoints:
             status, _, answer = self.raw_join(endpoint)
             self.assertEqual(status, 400, (endpoint, answer))
-            self.assertIn("leads to the hub's own machine", answer["error"])
-            self.assertIn("joining from the hub's machine itself", answer["error"])
+            self.assertIn("is off limits to a participant on another machine", answer["error"])
+            self.assertIn("by joining from that machine itself", answer["error"])
         self.assertEqual(self.hub.registry.participants_json(self.code), [])
         self.assertEqual(self.fake.connections, 0)
 

@@ -3339,6 +3339,24 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def route_join(self, code):
         body = self.read_json_object()
+        fields = self._join_fields(body)
+        password = require_string(body, "password", required=False) or ""
+        self.hub.registry.authorize(code, password.encode("utf-8"))
+        if fields["transport"] == "direct" and not fields["fromHubMachine"]:
+            self._check_endpoint(fields["endpoint"])
+        participant, room_id, secret, replaced = self.hub.registry.join(
+            code, fields, self._participant_secret(body))
+        code = code.upper()
+        if replaced is not None:  # polls with the old secret end: the agent re-polls
+            self.hub.tunnels.retire(code, replaced)
+        log.info("%s joined room %s serving %s", printable(participant["nickname"]), code,
+                 printable(participant["model"]))
+        self.hub.bus.publish(code, "participant:joined", participant)
+        self.send_json(201, {"participant": participant, "roomId": room_id, "secret": secret,
+                             "healthInterval": int(self.hub.health_interval * 1000)})
+
+    def _join_fields(self, body):
+        """The participant's fields from a join's body; 400/413 naming a bad one."""
         fields = {
             "id": require_string(body, "id", MAX_ID_CHARS),
             "nickname": require_string(body, "nickname"),
@@ -3356,20 +3374,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(400, "Field 'transport' must be \"direct\" or \"tunnel\"",
                            "invalid_field")
         check_participant_id(fields["id"])
-        password = require_string(body, "password", required=False) or ""
-        self.hub.registry.authorize(code, password.encode("utf-8"))
-        if fields["transport"] == "direct" and not fields["fromHubMachine"]:
-            self._check_endpoint(fields["endpoint"])
-        participant, room_id, secret, replaced = self.hub.registry.join(
-            code, fields, self._participant_secret(body))
-        code = code.upper()
-        if replaced is not None:  # polls with the old secret end: the agent re-polls
-            self.hub.tunnels.retire(code, replaced)
-        log.info("%s joined room %s serving %s", printable(participant["nickname"]), code,
-                 printable(participant["model"]))
-        self.hub.bus.publish(code, "participant:joined", participant)
-        self.send_json(201, {"participant": participant, "roomId": room_id, "secret": secret,
-                             "healthInterval": int(self.hub.health_interval * 1000)})
+        return fields
 
     def _small_object(self, body, field):
         """An optional object field of join ("specs", "config"): 413 when its

@@ -81,6 +81,7 @@ import hmac
 import http.client
 import http.server
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -293,6 +294,23 @@ ROOM_CODE_LENGTH = 6
 #: Longest accepted text fields (ids end up in URLs and logs).
 MAX_ID_CHARS = 128
 MAX_NAME_CHARS = 200
+#: Request "model" values that ask for any participant, and the prefix that
+#: asks for a model by name: never a participant's id, so nobody can join
+#: under them and receive requests meant for everyone's servers.
+WILDCARD_MODELS = ("*", "any")
+MODEL_PREFIX = "model:"
+
+#: Caps, so one attendee cannot fill the hub's memory or threads (each a
+#: ``serve`` flag): rooms, participants per room, event streams per room and
+#: per client address, and the JSON size of a join's "specs" and "config".
+DEFAULT_MAX_ROOMS = 1000
+DEFAULT_MAX_PARTICIPANTS = 256
+DEFAULT_MAX_SUBSCRIBERS = 64
+DEFAULT_MAX_SUBSCRIBERS_PER_ADDRESS = 16
+DEFAULT_MAX_SPECS_BYTES = 16 * 1024
+#: Longest wait for the name of a direct participant's endpoint to resolve
+#: when it joins (its addresses are checked; see endpoint_trouble()).
+ENDPOINT_RESOLVE_S = 2.0
 
 CORS_HEADERS = (
     ("Access-Control-Allow-Origin", "*"),
@@ -680,7 +698,7 @@ class Participant:
     __slots__ = ("id", "nickname", "model", "endpoint", "config", "specs", "transport",
                  "max_concurrent", "joined_at_ms", "last_seen_ms", "last_seen",
                  "offline_since", "in_flight", "metrics", "penalized_until", "secret",
-                 "polls", "listening_until")
+                 "polls", "listening_until", "from_hub_machine")
 
     def __init__(self, fields, clock):
         self.id = fields["id"]
@@ -690,6 +708,8 @@ class Participant:
         self.config = fields["config"]
         self.specs = fields["specs"]
         self.transport = fields.get("transport", "direct")
+        #: Joined from the hub's own machine: its endpoint may be there too.
+        self.from_hub_machine = fields.get("fromHubMachine", False)
         self.max_concurrent = fields["maxConcurrent"]
         self.joined_at_ms = self.last_seen_ms = now_ms()
         self.last_seen = clock()
@@ -865,7 +885,8 @@ class Room:
     """A room: its identity (kept in the state file) and its participants."""
 
     __slots__ = ("id", "code", "name", "host_id", "created_at_ms", "password_hash",
-                 "empty_since_ms", "participants", "checked_passwords", "waiting")
+                 "empty_since_ms", "participants", "checked_passwords", "waiting",
+                 "decoy_secret")
 
     def __init__(self, code, name, password_hash=None):
         self.id = secrets.token_urlsafe(15)
@@ -877,6 +898,7 @@ class Room:
         self.participants = {}
         self.checked_passwords = {}  # keyed digest of a password -> it matched
         self.waiting = collections.deque()  # Waiters for a free slot, oldest first
+        self.decoy_secret = secrets.token_urlsafe(24)  # compared when an id is unknown
 
     def to_json(self):
         return {"id": self.id, "code": self.code, "name": self.name,
@@ -933,7 +955,7 @@ def saved_field(data, field, kind, optional=False):
 class Target:
     """What the relay needs of a participant, copied out of the registry."""
 
-    __slots__ = ("id", "model", "endpoint", "tunnel_key", "by_id")
+    __slots__ = ("id", "model", "endpoint", "tunnel_key", "by_id", "guarded")
 
     def __init__(self, participant, by_id):
         self.id = participant.id
@@ -941,6 +963,7 @@ class Target:
         self.endpoint = participant.endpoint
         self.tunnel_key = participant.tunnel_key() if participant.transport == "tunnel" else None
         self.by_id = by_id
+        self.guarded = not participant.from_hub_machine
 
 
 class Waiter:
@@ -967,6 +990,20 @@ def model_matches(requested, served):
     return ":" not in requested and served == requested + ":latest"
 
 
+def names_one_model(first, second):
+    """True when a request for either name could reach a server of the other."""
+    return model_matches(first, second) or model_matches(second, first)
+
+
+def check_participant_id(participant_id):
+    """400 for an id that routing reads as something else: "*" and "any" ask
+    for any participant, "model:NAME" for a model."""
+    if participant_id in WILDCARD_MODELS or participant_id.startswith(MODEL_PREFIX):
+        raise ApiError(400, "Field 'id' may not be '*' or 'any' or start with 'model:': a "
+                            "request's model uses those to ask for any participant or for a "
+                            "model. Choose another id", "invalid_field")
+
+
 class Registry:
     """Every room and participant of the hub.
 
@@ -981,10 +1018,13 @@ class Registry:
     """
 
     def __init__(self, participant_timeout_s, forget_after_s, room_ttl_s=DEFAULT_ROOM_TTL_S,
-                 clock=time.monotonic, on_rooms_changed=None, passwords=None):
+                 clock=time.monotonic, on_rooms_changed=None, passwords=None,
+                 max_rooms=DEFAULT_MAX_ROOMS, max_participants=DEFAULT_MAX_PARTICIPANTS):
         self.participant_timeout_s = participant_timeout_s
         self.forget_after_s = forget_after_s
         self.room_ttl_s = room_ttl_s
+        self.max_rooms = max_rooms
+        self.max_participants = max_participants
         self.clock = clock
         self.on_rooms_changed = on_rooms_changed or (lambda: None)
         self.keep_new_room = lambda room: self.admit_rooms([room])
@@ -1002,6 +1042,10 @@ class Registry:
         Until then its code is reserved but the room is not listed, so a room
         whose save failed never existed for anyone."""
         with self._lock:
+            if len(self._rooms) + len(self._reserved) >= self.max_rooms:
+                raise ApiError(503, "This hub holds its maximum of %d rooms; the organiser can "
+                                    "raise it with 'serve --max-rooms'" % self.max_rooms,
+                               "too_many_rooms")
             code = self._unused_code()
             self._reserved.add(code)
         room = Room(code, name, password_hash)
@@ -1118,7 +1162,11 @@ class Registry:
     def join(self, code, fields, offered_secret=None):
         """Add a participant, or replace one that proves it is the same with
         its current secret; return (participant JSON, room id, secret, the
-        replaced participant's tunnel key or None)."""
+        replaced participant's tunnel key or None).
+
+        Ids and served models stay apart (409 otherwise), checked under the
+        lock with the insert, so two joins racing cannot both pass."""
+        check_participant_id(fields["id"])
         with self._lock:
             room = self._room(code)
             participant = Participant(fields, self.clock)
@@ -1129,6 +1177,12 @@ class Registry:
                     raise ApiError(401, "Participant id '%s' is taken in this room; re-joining "
                                         "with it needs its secret" % participant.id,
                                    "invalid_secret")
+            elif len(room.participants) >= self.max_participants:
+                raise ApiError(503, "Room %s holds its maximum of %d participants; the "
+                                    "organiser can raise it with 'serve --max-participants'"
+                               % (room.code, self.max_participants), "too_many_participants")
+            self._keep_names_apart(room, participant)
+            if old is not None:
                 participant.metrics = old.metrics  # a re-join keeps its history
                 participant.in_flight = old.in_flight
                 replaced = old.tunnel_key() if old.transport == "tunnel" else None
@@ -1140,9 +1194,45 @@ class Registry:
             self.on_rooms_changed()
         return joined
 
+    @staticmethod
+    def _keep_names_apart(room, newcomer):
+        """409 unless the newcomer's id names no model served in the room (its
+        own included) and its model is no other participant's id (under the
+        lock). Otherwise a participant could take the name of someone else's
+        model as its id and receive the requests meant for that model; and an
+        id equal to its own model would turn away whoever serves it next."""
+        if names_one_model(newcomer.id, newcomer.model):
+            raise ApiError(409, "Participant id '%s' names the model it serves ('%s'): ids and "
+                                "model names must differ. Choose another id"
+                           % (newcomer.id, newcomer.model), "id_conflict")
+        for other in room.participants.values():
+            if other.id == newcomer.id:
+                continue  # the participant it replaces
+            if names_one_model(newcomer.id, other.model):
+                raise ApiError(409, "Participant id '%s' names a model served in this room "
+                                    "('%s'): requests for that model must reach its servers. "
+                                    "Choose another id" % (newcomer.id, other.model),
+                               "id_conflict")
+            if names_one_model(newcomer.model, other.id):
+                raise ApiError(409, "Model '%s' has the name of participant '%s' in this room, "
+                                    "so requests for it would be ambiguous; serve it under "
+                                    "another name (or ask that participant to re-join with "
+                                    "another id)" % (newcomer.model, other.id), "id_conflict")
+
     def _own_participant(self, code, participant_id, offered_secret):
-        """The participant, if ``offered_secret`` is its secret (404/401 otherwise)."""
-        participant = self._room(code).participants.get(participant_id)
+        """The participant, if ``offered_secret`` is its secret (404/401 otherwise).
+
+        A protected room answers an unknown id and a wrong secret alike (404,
+        after a comparison of the same cost), so nobody learns which ids are
+        there; an agent takes 404 as "forgotten" and joins again."""
+        room = self._room(code)
+        participant = room.participants.get(participant_id)
+        if room.password_hash is not None:
+            expected = participant.secret if participant is not None else room.decoy_secret
+            if participant is None or not secret_matches(offered_secret, expected):
+                raise ApiError(404, "Participant not found, or not yours: send the secret that "
+                                    "join answered as X-Gambiarra-Secret", "participant_not_found")
+            return participant
         if participant is None:
             raise ApiError(404, "Participant not found", "participant_not_found")
         if not secret_matches(offered_secret, participant.secret):
@@ -1354,12 +1444,26 @@ class Registry:
                                           random.random()))
         chosen.in_flight += 1
         chosen.metrics.requests += 1
-        return Target(chosen, chosen.id == requested)
+        return Target(chosen, chosen is self._named(room, requested))
+
+    @staticmethod
+    def _named(room, requested):
+        """The participant a request's model names by its id, or None. Never
+        for "*", "any" or "model:NAME"; and a name that some participant
+        serves as a model is the model's, even if it is an id too (joins keep
+        ids and models apart, but routing does not rely on it)."""
+        if requested in WILDCARD_MODELS or requested.startswith(MODEL_PREFIX):
+            return None
+        participant = room.participants.get(requested)
+        if participant is None or any(model_matches(requested, p.model)
+                                      for p in room.participants.values()):
+            return None
+        return participant
 
     def _candidates(self, room, requested, exclude):
         """The online participants a request may go to; 404/503 when none."""
         now = self.clock()
-        by_id = room.participants.get(requested)
+        by_id = self._named(room, requested)
         if by_id is not None:
             if not by_id.online:
                 raise ApiError(503, "Participant '%s' is offline" % requested,
@@ -1368,8 +1472,8 @@ class Registry:
                 raise ApiError(503, "Participant '%s' is unreachable: its agent stopped polling "
                                     "the hub" % requested, "participant_offline")
             return [by_id]
-        name = requested[len("model:"):] if requested.startswith("model:") else requested
-        wildcard = requested in ("*", "any")
+        name = requested[len(MODEL_PREFIX):] if requested.startswith(MODEL_PREFIX) else requested
+        wildcard = requested in WILDCARD_MODELS
         candidates = [p for p in room.participants.values()
                       if p.online and p.reachable(now) and p.id not in exclude
                       and (wildcard or model_matches(name, p.model))]
@@ -1663,9 +1767,10 @@ def sync_folder(folder):
 class Subscriber:
     """One open ``/events`` stream: a bounded queue drained by its own thread."""
 
-    def __init__(self, code, sock):
+    def __init__(self, code, sock, address=None):
         self.code = code
         self.sock = sock
+        self.address = address  # the client's, counted against its cap
         self.queue = queue.Queue(SUBSCRIBER_QUEUE_EVENTS)
 
     def disconnect(self):
@@ -1684,28 +1789,55 @@ class EventBus:
     """Per-room fan-out of events to SSE subscribers.
 
     Publishing never blocks: a subscriber whose queue is full has stopped
-    reading and is dropped. ``_lock`` guards the subscriber sets only.
+    reading and is dropped. Each stream holds a thread and a connection, so
+    a room and a client address get at most ``max_per_room`` and
+    ``max_per_address`` of them. ``_lock`` guards the subscriber sets and
+    the counts per address only.
     """
 
     CLOSED = None  # sentinel put in a queue to end its stream
 
-    def __init__(self):
+    def __init__(self, max_per_room=DEFAULT_MAX_SUBSCRIBERS,
+                 max_per_address=DEFAULT_MAX_SUBSCRIBERS_PER_ADDRESS):
+        self.max_per_room = max_per_room
+        self.max_per_address = max_per_address
         self._lock = threading.Lock()
         self._rooms = collections.defaultdict(set)
+        self._per_address = collections.Counter()
 
-    def subscribe(self, code, sock):
-        subscriber = Subscriber(code, sock)
+    def subscribe(self, code, sock, address=None):
+        """A new subscriber of room ``code``; 503 when the room has its
+        maximum of streams, 429 when the client's address has."""
+        subscriber = Subscriber(code, sock, address)
         with self._lock:
+            if len(self._rooms.get(code, ())) >= self.max_per_room:
+                raise ApiError(503, "Room %s has its maximum of %d event streams open; the "
+                                    "organiser can raise it with 'serve --max-subscribers'"
+                               % (code, self.max_per_room), "too_many_subscribers")
+            if address is not None and self._per_address[address] >= self.max_per_address:
+                raise ApiError(429, "This address has its maximum of %d event streams open "
+                                    "on the hub; close one, or the organiser can raise it "
+                                    "with 'serve --max-subscribers-per-address'"
+                               % self.max_per_address, "too_many_subscribers")
             self._rooms[code].add(subscriber)
+            if address is not None:
+                self._per_address[address] += 1
         return subscriber
 
     def unsubscribe(self, subscriber):
+        """Forget a subscriber (again is harmless: a stalled one is dropped
+        by publish() and then by its own thread)."""
         with self._lock:
             subscribers = self._rooms.get(subscriber.code)
-            if subscribers is not None:
-                subscribers.discard(subscriber)
-                if not subscribers:
-                    del self._rooms[subscriber.code]
+            if subscribers is None or subscriber not in subscribers:
+                return
+            subscribers.discard(subscriber)
+            if not subscribers:
+                del self._rooms[subscriber.code]
+            if subscriber.address is not None:
+                self._per_address[subscriber.address] -= 1
+                if not self._per_address[subscriber.address]:
+                    del self._per_address[subscriber.address]
 
     def publish(self, code, event, data):
         with self._lock:
@@ -1762,6 +1894,157 @@ def enable_keepalive(sock):
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
+#: 0.0.0.0/8 means "this host" to Linux and BSD (RFC 1122 section 3.2.1.3).
+THIS_HOST_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+#: Documentation addresses (RFC 5737, RFC 3849) that no machine has: where a
+#: socket binds to one, the system binds to any address (Linux's
+#: ip_nonlocal_bind), and binding tells nothing about what is ours.
+UNASSIGNED_ADDRESSES = {socket.AF_INET: "203.0.113.254", socket.AF_INET6: "2001:db8::fffe"}
+
+
+def plain_address(text):
+    """``text`` as an ipaddress object, an IPv4-mapped IPv6 address
+    (::ffff:127.0.0.1) as the IPv4 address it carries and a zone ("%eth0")
+    dropped; None when it is no address."""
+    try:
+        address = ipaddress.ip_address(str(text).split("%", 1)[0])
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _binds(family, address):
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
+
+
+def is_own_address(address):
+    """True when ``address`` (an ipaddress object) is one of this machine's.
+    A socket binds only to an address its machine has, on any interface and
+    in either family (VPNs and IPv6 too, which network_links() leaves out);
+    where the system binds to anything, the interface list decides."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    if not _binds(family, UNASSIGNED_ADDRESSES[family]):
+        return _binds(family, str(address))
+    return str(address) in {link.address for link in network_links()}
+
+
+def hub_machine_reason(text):
+    """Why the address ``text`` leads into the hub's own machine (a loopback,
+    link-local or unspecified address, or one of its own), or None."""
+    address = plain_address(text)
+    if address is None:
+        return None
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        return "a link-local address"
+    if address.is_unspecified or address in THIS_HOST_NETWORK:
+        return "an unspecified address"
+    if is_own_address(address):
+        return "an address of the hub's own machine"
+    return None
+
+
+def same_machine(client, arrived_on):
+    """True when a connection from ``client`` that reached this machine's
+    address ``arrived_on`` comes from this machine itself: a loopback
+    address, the address it reached, or another address of this machine."""
+    address = plain_address(client)
+    if address is None:
+        return False
+    return (address.is_loopback or address == plain_address(arrived_on)
+            or is_own_address(address))
+
+
+def resolve_host(host, timeout_s):
+    """The addresses of ``host``: an address literal at once (in any form
+    the system reads, "127.1" and "2130706433" included), a name within
+    ``timeout_s`` (getaddrinfo has no timeout of its own, so it runs in a
+    thread). OSError when it does not resolve in time."""
+    try:
+        found = socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):
+        found = _resolve_name(host, timeout_s)
+    addresses = []
+    for _, _, _, _, sockaddr in found:
+        if sockaddr[0] not in addresses:
+            addresses.append(sockaddr[0])
+    return addresses
+
+
+def _resolve_name(host, timeout_s):
+    outcome = []
+
+    def resolve():
+        try:
+            outcome.append(socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a label IDNA refuses
+            outcome.append(OSError(errno.EINVAL, "cannot resolve %s (%s)" % (host, exc)))
+
+    thread = threading.Thread(target=resolve, name="resolve", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        raise socket.timeout("%s did not resolve within %g s" % (host, timeout_s))
+    if isinstance(outcome[0], OSError):
+        raise outcome[0]
+    return outcome[0]
+
+
+def endpoint_trouble(url, timeout_s=ENDPOINT_RESOLVE_S):
+    """Why the hub must not call ``url`` for someone on another machine (its
+    host is, or resolves to, an address of the hub's own machine), or None.
+    A name that does not resolve (in time) passes, as it always has: the
+    relay checks the addresses of every connection it opens for such a
+    participant anyway (connect_outside_hub)."""
+    host = urllib.parse.urlsplit(url).hostname
+    try:
+        addresses = resolve_host(host, timeout_s)
+    except OSError:
+        return None
+    for address in addresses:
+        reason = hub_machine_reason(address)
+        if reason is not None:
+            named = host if plain_address(host) is None else None
+            return "%s is %s" % ("%s resolves to %s, which" % (named, address) if named
+                                 else address, reason)
+    return None
+
+
+class HubMachineAddress(ConnectionError):
+    """A connection for a participant on another machine would lead into the
+    hub's own machine: refused before any packet is sent."""
+
+
+def connect_outside_hub(address, timeout=None, source_address=None):
+    """socket.create_connection for a direct participant that joined from
+    another machine. Its name is resolved here and every address checked,
+    then the connection goes to a checked address: a name that resolved
+    elsewhere at join and leads to the hub's machine now (DNS rebinding)
+    reaches nothing, and no timing tells which of the hub's ports are open."""
+    host, port = address[:2]
+    addresses = resolve_host(host, ENDPOINT_RESOLVE_S if timeout is None else timeout)
+    for resolved in addresses:
+        reason = hub_machine_reason(resolved)
+        if reason is not None:
+            raise HubMachineAddress(errno.ECONNREFUSED, "refused by the hub: %s is %s" % (
+                resolved, reason))
+    failure = OSError(errno.EHOSTUNREACH, "no address for %s" % host)
+    for resolved in addresses:
+        try:
+            return socket.create_connection((resolved, port), timeout, source_address)
+        except OSError as exc:
+            failure = exc
+    raise failure
+
+
 def has_pending_input(sock):
     """True when an idle kept-alive connection has something to read: the
     server closed it, or sent bytes nobody asked for. Either way it must not
@@ -1814,9 +2097,11 @@ class _BackendMixin:
     _corked = None
     response_class = BackendResponse
 
-    def __init__(self, host, port, connect_timeout, read_timeout):
+    def __init__(self, host, port, connect_timeout, read_timeout, guarded=False):
         super().__init__(host, port, timeout=connect_timeout)
         self.read_timeout = read_timeout
+        if guarded:  # for a participant that joined from another machine
+            self._create_connection = connect_outside_hub
 
     def connect(self):
         super().connect()
@@ -1849,6 +2134,12 @@ class BackendHTTPSConnection(_BackendMixin, http.client.HTTPSConnection):
     """A TLS connection to a participant's server (an https:// endpoint)."""
 
 
+#: Where a backend connection goes. ``guarded`` ones are opened for a
+#: participant that joined from another machine: never into the hub's own.
+BackendKey = collections.namedtuple("BackendKey", "scheme host port guarded",
+                                    defaults=(False,))
+
+
 class ConnectionPool:
     """Idle keep-alive connections to backends, most recently used last.
 
@@ -1865,7 +2156,7 @@ class ConnectionPool:
         self.idle_s = idle_s
         self.clock = clock
         self._lock = threading.Lock()
-        self._idle = collections.defaultdict(list)  # (scheme, host, port) -> [(since, conn)]
+        self._idle = collections.defaultdict(list)  # BackendKey -> [(since, conn)]
         self._closed = False
 
     def get(self, key, fresh=False):
@@ -1887,9 +2178,9 @@ class ConnectionPool:
             old.close()
         if conn is not None:
             return conn, True
-        scheme, host, port = key
+        scheme, host, port, guarded = BackendKey(*key)
         cls = BackendHTTPSConnection if scheme == "https" else BackendConnection
-        return cls(host, port, self.connect_timeout, self.read_timeout), False
+        return cls(host, port, self.connect_timeout, self.read_timeout, guarded), False
 
     def put(self, key, conn):
         with self._lock:
@@ -2672,8 +2963,9 @@ class Relay:
             response = self._call_tunnel(exchange, target, api_path, forwarded, via)
         else:
             parts = urllib.parse.urlsplit(target.endpoint)
-            exchange.key = (parts.scheme, parts.hostname,
-                            parts.port or (443 if parts.scheme == "https" else 80))
+            exchange.key = BackendKey(parts.scheme, parts.hostname,
+                                      parts.port or (443 if parts.scheme == "https" else 80),
+                                      target.guarded)
             response = self._send(exchange.key, parts.path + api_path, forwarded, via, exchange)
         self._relay_response(handler, exchange, response, stats)
         return response.status
@@ -3504,23 +3796,12 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def route_join(self, code):
         body = self.read_json_object()
-        fields = {
-            "id": require_string(body, "id", MAX_ID_CHARS),
-            "nickname": require_string(body, "nickname"),
-            "model": require_string(body, "model"),
-            "endpoint": normalize_endpoint(require_string(body, "endpoint", 2048)),
-            "specs": optional_object(body, "specs"),
-            "config": optional_object(body, "config"),
-            "maxConcurrent": optional_positive_int(body, "maxConcurrent",
-                                                   DEFAULT_MAX_CONCURRENT),
-            "transport": require_string(body, "transport", required=False) or "direct",
-        }
-        if fields["transport"] not in ("direct", "tunnel"):
-            raise ApiError(400, "Field 'transport' must be \"direct\" or \"tunnel\"",
-                           "invalid_field")
+        fields = self._join_fields(body)
         password = require_string(body, "password", required=False) or ""
         self.hub.registry.authorize(code, password.encode("utf-8"),
                                     address=self.client_address[0])
+        if fields["transport"] == "direct" and not fields["fromHubMachine"]:
+            self._check_endpoint(fields["endpoint"])
         participant, room_id, secret, replaced = self.hub.registry.join(
             code, fields, self._participant_secret(body))
         code = code.upper()
@@ -3531,6 +3812,58 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self.hub.bus.publish(code, "participant:joined", participant)
         self.send_json(201, {"participant": participant, "roomId": room_id, "secret": secret,
                              "healthInterval": int(self.hub.health_interval * 1000)})
+
+    def _join_fields(self, body):
+        """The participant's fields from a join's body; 400/413 naming a bad one."""
+        fields = {
+            "id": require_string(body, "id", MAX_ID_CHARS),
+            "nickname": require_string(body, "nickname"),
+            "model": require_string(body, "model"),
+            "endpoint": normalize_endpoint(require_string(body, "endpoint", 2048)),
+            "specs": self._small_object(body, "specs"),
+            "config": self._small_object(body, "config"),
+            "maxConcurrent": optional_positive_int(body, "maxConcurrent",
+                                                   DEFAULT_MAX_CONCURRENT),
+            "transport": require_string(body, "transport", required=False) or "direct",
+            "fromHubMachine": self.hub.same_machine(self.client_address[0],
+                                                    self.connection.getsockname()[0]),
+        }
+        if fields["transport"] not in ("direct", "tunnel"):
+            raise ApiError(400, "Field 'transport' must be \"direct\" or \"tunnel\"",
+                           "invalid_field")
+        check_participant_id(fields["id"])
+        return fields
+
+    def _small_object(self, body, field):
+        """An optional object field of join ("specs", "config"): 413 when its
+        JSON is larger than --max-specs-bytes (every participant listing
+        and joined event carries it)."""
+        value = optional_object(body, field)
+        limit = self.hub.max_specs_bytes
+        try:
+            size = len(json_bytes(value))
+        except RecursionError:
+            size = None
+        if size is None or size > limit:
+            raise ApiError(413, "Field '%s' is larger than this hub's limit of %d bytes as JSON; "
+                                "the organiser can raise it with 'serve --max-specs-bytes'"
+                           % (field, limit), "field_too_large")
+        return value
+
+    def _check_endpoint(self, endpoint):
+        """400 when a direct participant on another machine names an endpoint
+        on the hub's own machine: the hub would call services that listen
+        only there (and tell which ports are open) for whoever asks."""
+        reason = endpoint_trouble(endpoint)
+        if reason is not None:
+            raise ApiError(400, "Field 'endpoint' is off limits to a participant on another "
+                                "machine (%s): the hub calls loopback, link-local and its own "
+                                "addresses only for participants that join from its own "
+                                "machine. The organiser can register a server running on the "
+                                "hub's machine by joining from that machine itself; anyone "
+                                "else names an address of their own machine, or joins with "
+                                "the default tunnel (python3 gambiarra.py join CODE)" % reason,
+                           "invalid_endpoint")
 
     def _participant_secret(self, body):
         """The participant secret: X-Gambiarra-Secret, else "secret" in the body."""
@@ -3576,7 +3909,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         if self.command == "HEAD":
             self.start_chunked(200, "text/event-stream")
             return
-        subscriber = self.hub.bus.subscribe(code, self.connection)
+        subscriber = self.hub.bus.subscribe(code, self.connection, self.client_address[0])
         watch = self.hub.watcher.watch(self.connection, lambda: self.hub.bus.end(subscriber))
         try:
             self.start_chunked(200, "text/event-stream", [("X-Accel-Buffering", "no")])
@@ -3990,7 +4323,11 @@ class Hub:
                  max_connections=DEFAULT_MAX_CONNECTIONS,
                  max_connections_per_address=DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
                  header_timeout=DEFAULT_HEADER_TIMEOUT_S, min_body_rate=DEFAULT_MIN_BODY_RATE,
-                 max_header_bytes=DEFAULT_MAX_HEADER_BYTES):
+                 max_header_bytes=DEFAULT_MAX_HEADER_BYTES,
+                 max_rooms=DEFAULT_MAX_ROOMS, max_participants=DEFAULT_MAX_PARTICIPANTS,
+                 max_subscribers=DEFAULT_MAX_SUBSCRIBERS,
+                 max_subscribers_per_address=DEFAULT_MAX_SUBSCRIBERS_PER_ADDRESS,
+                 max_specs_bytes=DEFAULT_MAX_SPECS_BYTES):
         self.host = host
         self.port = port
         self.max_body = max_body
@@ -4013,10 +4350,16 @@ class Hub:
         #: How this hub names itself in Via headers, to notice requests that loop.
         self.via_name = "gambiarra-" + secrets.token_hex(6)
         self.registry = Registry(participant_timeout, forget_after, room_ttl,
-                                 passwords=PasswordGuard(max_password_checks, password_failures))
+                                 passwords=PasswordGuard(max_password_checks, password_failures),
+                                 max_rooms=max_rooms, max_participants=max_participants)
         self.state = (StateFile(state_path, self.registry.rooms_state, self.registry.admit_rooms)
                       if state_path else None)
-        self.bus = EventBus()
+        self.bus = EventBus(max_subscribers, max_subscribers_per_address)
+        self.max_specs_bytes = max_specs_bytes
+        #: Whether a client address (and the address it reached) is this
+        #: machine: a join from there may name an endpoint on this machine.
+        #: Tests replace it to play a client on another machine.
+        self.same_machine = same_machine
         self.relay = None
         self.watcher = None
         self.server = None
@@ -6397,6 +6740,24 @@ def build_parser():
                        default=DEFAULT_MAX_HEADER_BYTES, metavar="BYTES",
                        help="largest header block of a request; then 431 "
                             "(default: %(default)s)")
+    serve.add_argument("--max-rooms", type=positive_int, default=DEFAULT_MAX_ROOMS, metavar="N",
+                       help="rooms the hub holds; more are refused with 503 "
+                            "(default: %(default)s)")
+    serve.add_argument("--max-participants", type=positive_int,
+                       default=DEFAULT_MAX_PARTICIPANTS, metavar="N",
+                       help="participants per room; more joins are refused with 503 "
+                            "(default: %(default)s)")
+    serve.add_argument("--max-subscribers", type=positive_int, default=DEFAULT_MAX_SUBSCRIBERS,
+                       metavar="N", help="open event streams per room; more get 503 "
+                                         "(default: %(default)s)")
+    serve.add_argument("--max-subscribers-per-address", type=positive_int,
+                       default=DEFAULT_MAX_SUBSCRIBERS_PER_ADDRESS, metavar="N",
+                       help="open event streams per client address, all rooms together; "
+                            "more get 429 (default: %(default)s)")
+    serve.add_argument("--max-specs-bytes", type=positive_int, default=DEFAULT_MAX_SPECS_BYTES,
+                       metavar="BYTES",
+                       help="largest 'specs' and 'config' of a join, each, as JSON; larger "
+                            "get 413 (default: %(default)s)")
     serve.set_defaults(func=cmd_serve)
 
     create = add_command(
@@ -6685,7 +7046,11 @@ def cmd_serve(args):
               client_timeout=args.client_timeout, max_connections=args.max_connections,
               max_connections_per_address=args.max_connections_per_address,
               header_timeout=args.header_timeout, min_body_rate=args.min_body_rate,
-              max_header_bytes=args.max_header_bytes)
+              max_header_bytes=args.max_header_bytes,
+              max_rooms=args.max_rooms, max_participants=args.max_participants,
+              max_subscribers=args.max_subscribers,
+              max_subscribers_per_address=args.max_subscribers_per_address,
+              max_specs_bytes=args.max_specs_bytes)
     # Process-wide settings, so here and not in Hub.start(): every thread of
     # this process is the hub's (see THREAD_STACK_BYTES), and the file limit
     # sets how many connections it can hold.

@@ -1809,6 +1809,385 @@ class TestRouting(HubTestCase):
         self.assertLessEqual(dead["metrics"]["errors"], 1)  # then avoided
 
 
+# === Safe on a shared Wi-Fi: routing, endpoints, caps ===
+
+def join_body(pid, model, endpoint, **extra):
+    body = {"id": pid, "nickname": pid, "model": model, "endpoint": endpoint}
+    body.update(extra)
+    return body
+
+
+class TestRoutingCannotBeHijacked(HubTestCase):
+    """Ids and served models stay apart, so a participant receives only the
+    requests for its id or its model."""
+
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.llama = self.backend(models=["llama3:latest"])
+        self.mallory = self.backend(models=["llama3"])  # the attacker's own server
+
+    def raw_join(self, pid, model, backend=None, **extra):
+        backend = backend or self.mallory
+        return self.request("POST", "/rooms/%s/join" % self.code,
+                            join_body(pid, model, backend.url, **extra))
+
+    def test_wildcard_and_model_ids_are_refused(self):
+        for pid in ("*", "any", "model:llama3", "model:", "model:*"):
+            status, _, answer = self.raw_join(pid, "mistral")
+            self.assertEqual(status, 400, pid)
+            self.assertIn("'*' or 'any' or start with 'model:'", answer["error"])
+        with self.assertRaises(gambiarra.ApiError):  # the registry refuses them too
+            self.hub.registry.join(self.code, dict(
+                join_body("*", "m", self.mallory.url), specs={}, config={}, maxConcurrent=1))
+        self.assertEqual(self.hub.registry.participants_json(self.code), [])
+
+    def test_an_id_naming_a_served_model_is_refused(self):
+        self.join(self.code, self.llama, pid="alice")
+        for pid in ("llama3", "llama3:latest"):
+            status, _, answer = self.raw_join(pid, "mistral")
+            self.assertEqual(status, 409, pid)
+            self.assertIn("names a model served in this room ('llama3:latest')", answer["error"])
+
+    def test_a_model_named_like_another_participants_id_is_refused(self):
+        self.join(self.code, self.llama, pid="bob")
+        for model in ("bob", "bob:latest"):
+            status, _, answer = self.raw_join("mallory", model)
+            self.assertEqual(status, 409, model)
+            self.assertIn("has the name of participant 'bob'", answer["error"])
+
+    def test_an_id_naming_its_own_model_is_refused(self):
+        # Else the next participant serving that model would be refused for it.
+        for pid, model in (("phi3", "phi3"), ("phi3", "phi3:latest"), ("phi3:latest", "phi3")):
+            status, _, answer = self.raw_join(pid, model)
+            self.assertEqual(status, 409, (pid, model))
+            self.assertIn("names the model it serves", answer["error"])
+
+    def test_a_legit_participant_keeps_every_request(self):
+        self.join(self.code, self.llama, pid="alice")
+        for pid in ("*", "any", "llama3", "model:llama3", "llama3:latest"):
+            self.assertIn(self.raw_join(pid, "llama3")[0], (400, 409), pid)
+        for requested in ("*", "llama3", "model:llama3"):
+            for _ in range(10):
+                status, _, answer = self.chat(self.code, requested)
+                self.assertEqual(status, 200, answer)
+        self.assertEqual(len(self.llama.requests), 30)
+        self.assertEqual(self.mallory.requests, [])
+
+    def test_a_rejoin_with_its_own_id_and_secret_still_works(self):
+        self.join(self.code, self.llama, pid="alice")
+        secret = self.secrets[self.code, "alice"]
+        for model in ("llama3:latest", "qwen2"):  # the same model, or another one
+            status, _, answer = self.raw_join("alice", model, self.llama, secret=secret)
+            self.assertEqual(status, 201, answer)
+            secret = answer["secret"]
+        self.assertEqual(len(self.hub.registry.participants_json(self.code)), 1)
+
+    def test_a_name_that_is_an_id_and_a_model_goes_to_the_models_servers(self):
+        # Defence in depth: joins never let this happen; a participant put in
+        # behind the registry's back plays a room where it did anyway.
+        self.join(self.code, self.llama, pid="alice")
+        intruder = gambiarra.Participant(dict(join_body("llama3", "mistral", self.mallory.url),
+                                              specs={}, config={}, maxConcurrent=4),
+                                         self.hub.registry.clock)
+        with self.hub.registry._lock:
+            self.hub.registry._rooms[self.code].participants["llama3"] = intruder
+        for _ in range(10):
+            self.assertEqual(self.chat(self.code, "llama3")[0], 200)
+        self.assertEqual((len(self.llama.requests), self.mallory.requests), (10, []))
+
+
+class TestIdRules(unittest.TestCase):
+    """The registry's own checks, without a hub."""
+
+    def test_racing_joins_cannot_both_pass(self):
+        registry = gambiarra.Registry(30, 600)
+        for _ in range(30):
+            code = registry.create_room("race")["code"]
+            bodies = (join_body("llama3", "mistral", "http://192.0.2.1:11434"),
+                      join_body("alice", "llama3", "http://192.0.2.2:11434"))
+            start, outcomes = threading.Barrier(2), []
+
+            def join(body):
+                start.wait(WAIT_S)
+                try:
+                    registry.join(code, dict(body, specs={}, config={}, maxConcurrent=1))
+                    outcomes.append(201)
+                except gambiarra.ApiError as exc:
+                    outcomes.append(exc.status)
+
+            threads = [threading.Thread(target=join, args=(body,)) for body in bodies]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(WAIT_S)
+            self.assertEqual(sorted(outcomes), [201, 409])
+
+    def test_default_ids_are_never_refused(self):
+        for nickname in ("*", "any", "model:llama3", "llama3", "", "a" * 300):
+            pid = gambiarra.default_participant_id(nickname)
+            gambiarra.check_participant_id(pid)  # raises if refused
+            self.assertFalse(gambiarra.names_one_model(pid, nickname), pid)
+
+
+class TestEndpointsOnTheHubMachine(HubTestCase):
+    """A direct participant on another machine cannot make the hub call the
+    services of the hub's own machine. The tests' clients all run on this
+    machine: "from another machine" is simulated by replacing the hub's
+    same_machine() decision, which is tested on its own first."""
+
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.fake = self.backend()  # listens on the hub machine's loopback only
+        self.port_of_fake = urllib.parse.urlsplit(self.fake.url).port
+
+    def as_remote_client(self):
+        self.hub.same_machine = lambda client, arrived_on: False
+
+    def raw_join(self, endpoint, pid="mallory", **extra):
+        return self.request("POST", "/rooms/%s/join" % self.code,
+                            join_body(pid, "fake-model", endpoint, **extra))
+
+    def test_which_clients_are_this_machine(self):
+        same = gambiarra.same_machine
+        for client in ("127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"):
+            self.assertTrue(same(client, "127.0.0.1"), client)
+        for address in gambiarra.local_ipv4_addresses():
+            self.assertTrue(same(address, "127.0.0.1"), address)  # our own LAN address
+        self.assertTrue(same("198.51.100.7", "198.51.100.7"))  # the address it reached
+        for client in ("192.0.2.7", "::ffff:192.0.2.7", "2001:db8::7", "not an address"):
+            self.assertFalse(same(client, "127.0.0.1"), client)
+
+    def test_which_addresses_lead_into_the_hub_machine(self):
+        reason = gambiarra.hub_machine_reason
+        for address in ("127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"):
+            self.assertEqual(reason(address), "a loopback address", address)
+        for address in ("169.254.169.254", "fe80::1", "fe80::1%lo"):
+            self.assertEqual(reason(address), "a link-local address", address)
+        for address in ("0.0.0.0", "0.1.2.3", "::", "::ffff:0.0.0.0"):
+            self.assertEqual(reason(address), "an unspecified address", address)
+        for address in gambiarra.local_ipv4_addresses():
+            self.assertEqual(reason(address), "an address of the hub's own machine")
+        for address in ("192.0.2.7", "8.8.8.8", "2001:db8::7"):
+            self.assertIsNone(reason(address), address)
+
+    def test_a_remote_join_naming_the_hub_machine_is_refused(self):
+        self.as_remote_client()
+        port = self.port_of_fake
+        endpoints = ["http://%s:%d" % (host, port) for host in (
+            "127.0.0.1", "localhost", "[::1]", "[::ffff:127.0.0.1]", "0.0.0.0", "127.1",
+            "2130706433", "0x7f.1")]
+        endpoints += ["http://169.254.169.254/latest", "http://[fe80::1]:%d" % port,
+                      "https://127.0.0.1:%d/v1" % self.hub.port]
+        endpoints += ["http://%s:%d" % (a, port) for a in gambiarra.local_ipv4_addresses()]
+        for endpoint in endpoints:
+            status, _, answer = self.raw_join(endpoint)
+            self.assertEqual(status, 400, (endpoint, answer))
+            self.assertIn("is off limits to a participant on another machine", answer["error"])
+            self.assertIn("by joining from that machine itself", answer["error"])
+        self.assertEqual(self.hub.registry.participants_json(self.code), [])
+        self.assertEqual(self.fake.connections, 0)
+
+    def test_a_remote_tunnelled_participant_is_unaffected(self):
+        self.as_remote_client()  # its endpoint only informs: its agent calls it
+        status, _, answer = self.raw_join(self.fake.url, transport="tunnel")
+        self.assertEqual(status, 201, answer)
+
+    def test_the_hub_machine_may_register_its_own_server(self):
+        status, _, answer = self.raw_join(self.fake.url, pid="organiser")
+        self.assertEqual(status, 201, answer)
+        # From another loopback address of this machine (Linux routes all of
+        # 127/8 to lo): a real client address, not a simulated one.
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S,
+                                          source_address=("127.0.0.2", 0))
+        self.addCleanup(conn.close)
+        try:
+            conn.connect()
+        except OSError as exc:
+            self.skipTest("cannot send from 127.0.0.2 here (%s)" % exc)
+        conn.request("POST", "/rooms/%s/join" % self.code, body=json.dumps(join_body(
+            "second", "fake-model", self.fake.url)), headers={"Content-Type": "application/json"})
+        self.assertEqual(conn.getresponse().status, 201)
+        for _ in range(2):
+            self.assertEqual(self.chat(self.code, "fake-model")[0], 200)
+
+    def test_a_name_that_turns_to_loopback_later_reaches_nothing(self):
+        # DNS rebinding: the name resolves elsewhere at join, to loopback at
+        # the request. Both resolutions are played by a stand-in resolver.
+        self.as_remote_client()
+        answers = {"rebind.example": ["192.0.2.10"]}
+        real = gambiarra.resolve_host
+
+        def resolve(host, timeout_s):
+            return answers[host] if host in answers else real(host, timeout_s)
+
+        self.patch(gambiarra, "resolve_host", resolve)
+        status, _, answer = self.raw_join("http://rebind.example:%d" % self.port_of_fake)
+        self.assertEqual(status, 201, answer)
+        answers["rebind.example"] = ["127.0.0.1"]
+        status, _, answer = self.chat(self.code, "mallory")
+        self.assertEqual((status, answer["error"]["code"]), (502, "backend_unreachable"))
+        self.assertIn("refused by the hub: 127.0.0.1 is a loopback address",
+                      answer["error"]["message"])
+        self.assertEqual(self.fake.connections, 0)
+
+    def test_a_guarded_connection_to_another_machine_goes_through(self):
+        # Here the fake backend on 127.0.0.1 plays a server on another
+        # machine: hub_machine_reason() is told nothing is the hub's.
+        self.as_remote_client()
+        self.patch(gambiarra, "hub_machine_reason", lambda address: None)
+        self.assertEqual(self.raw_join(self.fake.url)[0], 201)
+        for _ in range(3):
+            self.assertEqual(self.chat(self.code, "mallory")[0], 200)
+        self.assertEqual((len(self.fake.requests), self.fake.connections), (3, 1))  # pooled
+
+    def patch(self, target, name, value):
+        patcher = unittest.mock.patch.object(target, name, value)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+
+class TestCaps(HubTestCase):
+    hub_options = {"max_rooms": 3, "max_participants": 2, "max_subscribers": 2,
+                   "max_subscribers_per_address": 3, "max_specs_bytes": 1024}
+
+    def test_rooms_beyond_the_cap(self):
+        codes = [self.create_room() for _ in range(3)]
+        status, _, answer = self.request("POST", "/rooms", {"name": "one too many"})
+        self.assertEqual(status, 503)
+        self.assertIn("maximum of 3 rooms", answer["error"])
+        self.assertIn("serve --max-rooms", answer["error"])
+        self.assertEqual(len(self.request("GET", "/rooms")[2]["rooms"]), len(codes))
+
+    def test_participants_beyond_the_cap(self):
+        code, fake = self.create_room(), self.backend()
+        self.join(code, fake, pid="alice")
+        self.join(code, fake, pid="bob")
+        status, _, answer = self.request("POST", "/rooms/%s/join" % code,
+                                         join_body("carol", "fake-model", fake.url))
+        self.assertEqual(status, 503)
+        self.assertIn("maximum of 2 participants", answer["error"])
+        self.assertIn("serve --max-participants", answer["error"])
+        self.join(code, fake, pid="bob", secret=self.secrets[code, "bob"])  # a re-join: 201
+        self.assertEqual(self.request("DELETE", "/rooms/%s/leave/alice" % code,
+                                      headers=self.secret_header(code, "alice"))[0], 200)
+        self.join(code, fake, pid="carol")
+
+    def stream(self, code):
+        """Open an event stream; (status, connection) or the error answer."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/rooms/%s/events" % code)
+        response = conn.getresponse()
+        if response.status != 200:
+            return response.status, json.loads(response.read())
+        self.addCleanup(response.close)
+        return 200, (conn, response)
+
+    def test_event_streams_per_room_and_per_address(self):
+        first, second = self.create_room(), self.create_room()
+        opened = [self.stream(first)[1], self.stream(first)[1]]
+        status, answer = self.stream(first)
+        self.assertEqual(status, 503)
+        self.assertIn("maximum of 2 event streams", answer["error"])
+        self.assertIn("serve --max-subscribers'", answer["error"])
+        self.assertEqual(self.stream(second)[0], 200)  # this address's third
+        status, answer = self.stream(second)
+        self.assertEqual(status, 429)
+        self.assertIn("serve --max-subscribers-per-address", answer["error"])
+        conn, response = opened[0]
+        response.close()  # a closed stream frees its place
+        conn.close()
+        self.assertTrue(wait_until(lambda: len(self.hub.bus._rooms[first]) == 1))
+        self.assertEqual(self.stream(second)[0], 200)
+
+    def test_specs_and_config_are_small(self):
+        code, fake = self.create_room(), self.backend()
+        for field in ("specs", "config"):
+            status, _, answer = self.request("POST", "/rooms/%s/join" % code, join_body(
+                "alice", "fake-model", fake.url, **{field: {"x": "y" * 1100}}))
+            self.assertEqual(status, 413)
+            self.assertIn("Field '%s' is larger than this hub's limit of 1024 bytes" % field,
+                          answer["error"])
+            self.assertIn("serve --max-specs-bytes", answer["error"])
+        self.join(code, fake, specs={"gpu": "y" * 900}, config={"temperature": 0.2})
+
+    def test_defaults_and_flags(self):
+        args = gambiarra.build_parser().parse_args(["serve"])
+        self.assertEqual((args.max_rooms, args.max_participants, args.max_subscribers,
+                          args.max_subscribers_per_address, args.max_specs_bytes),
+                         (1000, 256, 64, 16, 16384))
+        args = gambiarra.build_parser().parse_args([
+            "serve", "--max-rooms", "5", "--max-participants", "6", "--max-subscribers", "7",
+            "--max-subscribers-per-address", "8", "--max-specs-bytes", "9"])
+        with unittest.mock.patch.object(gambiarra, "serve_until") as serve_until, \
+                unittest.mock.patch.object(gambiarra.logging, "basicConfig"):
+            gambiarra.cmd_serve(args)
+        hub = serve_until.call_args[0][0]
+        self.assertEqual((hub.registry.max_rooms, hub.registry.max_participants,
+                          hub.bus.max_per_room, hub.bus.max_per_address, hub.max_specs_bytes),
+                         (5, 6, 7, 8, 9))
+
+
+class TestHiddenParticipantIds(HubTestCase):
+    """A protected room answers an unknown participant id as it answers a
+    wrong secret; an open room keeps telling them apart."""
+
+    def setUp(self):
+        super().setUp()
+        status, _, answer = self.request("POST", "/rooms", {"name": "Lab", "password": PASSWORD})
+        self.code = answer["room"]["code"]
+        self.open_code = self.create_room()
+        self.fake = self.backend()
+
+    def answers(self, code, pid, headers):
+        base = "/rooms/%s" % code
+        calls = (("POST", base + "/health", {"id": pid}),
+                 ("DELETE", base + "/leave/%s" % pid, None),
+                 ("GET", base + "/tunnel/%s?wait=0" % pid, None),
+                 ("HEAD", base + "/tunnel/%s" % pid, None),
+                 ("POST", base + "/tunnel/%s/1-1/accept" % pid, None),
+                 ("POST", base + "/tunnel/%s/1-1" % pid, {}))
+        results = []
+        for method, path, body in calls:
+            status, _, payload = self.request(method, path, body, headers=headers)
+            results.append((status, payload))
+        return results
+
+    def test_unknown_ids_and_wrong_secrets_look_alike_in_a_protected_room(self):
+        self.join(self.code, self.fake, pid="alice", password=PASSWORD, transport="tunnel")
+        wrong = {"X-Gambiarra-Secret": "guess"}
+        known = self.answers(self.code, "alice", wrong)
+        self.assertEqual(known, self.answers(self.code, "nobody", wrong))
+        self.assertEqual(known, self.answers(self.code, "nobody", {}))
+        self.assertEqual({status for status, _ in known}, {404})
+        self.assertEqual(len(self.hub.registry.participants_json(self.code)), 1)
+
+    def test_an_open_room_still_tells_them_apart(self):
+        self.join(self.open_code, self.fake, pid="alice")
+        wrong = {"X-Gambiarra-Secret": "guess"}
+        self.assertEqual({s for s, _ in self.answers(self.open_code, "alice", wrong)}, {401})
+        self.assertEqual({s for s, _ in self.answers(self.open_code, "nobody", wrong)}, {404})
+
+    def test_a_forgotten_agent_joins_a_protected_room_again(self):
+        fields = {"id": "alice", "nickname": "Alice", "model": "fake-model",
+                  "endpoint": self.fake.url, "transport": "tunnel"}
+        agent = gambiarra.Agent(self.hub.url, self.code, fields, self.fake.url,
+                                password=PASSWORD, **AGENT_TIMINGS)
+        self.addCleanup(agent.close)
+        agent.start()
+        registry = self.hub.registry
+        secret = registry._rooms[self.code].participants["alice"].secret
+        with registry._lock:  # the hub forgets it (as after a long silence)
+            del registry._rooms[self.code].participants["alice"]
+        self.assertTrue(wait_until(lambda: registry.participants_json(self.code)))
+        self.assertNotEqual(registry._rooms[self.code].participants["alice"].secret, secret)
+        status, _, answer = self.request("POST", "/rooms/%s/v1/chat/completions" % self.code,
+                                         {"model": "alice"}, headers=bearer(PASSWORD))
+        self.assertEqual(status, 200, answer)
+
+
 # === The tunnel ===
 
 class FakeAgent:
@@ -2277,14 +2656,16 @@ class TestProtectedRooms(HubTestCase):
                 ("POST", "/rooms/%s/v1/chat/completions" % self.code, {"model": "alice"}))
 
     def test_health_and_leave_need_the_participants_own_secret(self):
+        # A protected room answers a wrong secret as it answers an unknown id
+        # (404, see TestHiddenParticipantIds), where an open room says 401.
         self.join_protected("alice")
         self.join_protected("bob")
         health = "/rooms/%s/health" % self.code
         for headers in ({}, {"X-Gambiarra-Secret": "guess"}, self.secret_header(self.code, "bob")):
             self.assertEqual(self.request("POST", health, {"id": "alice"}, headers=headers)[0],
-                             401)
+                             404)
             self.assertEqual(self.request("DELETE", "/rooms/%s/leave/alice" % self.code,
-                                          headers=headers)[0], 401)
+                                          headers=headers)[0], 404)
         secret = self.secrets[self.code, "alice"]
         self.assertEqual(self.request("POST", health, {"id": "alice", "secret": secret})[0], 200)
         self.assertEqual(self.request("POST", health, {"id": "alice"},

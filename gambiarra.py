@@ -4156,10 +4156,29 @@ class HubServer(http.server.ThreadingHTTPServer):
         self._per_address = collections.Counter()
         self._accept_pause = 0.0  # the current backoff after accept() failed, 0 when fine
         self._stopping = threading.Event()
+        self._stopped = threading.Event()  # clear while serve_forever() runs
+        self._stopped.set()
         self._refusals_logged_at = -WARN_EVERY_S
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        self._wake_reader, self._wake_writer = socket.socketpair()  # wakes serve_forever()
         super().__init__(address, HubRequestHandler)
+
+    def serve_forever(self, poll_interval=None):
+        """Accept connections until shutdown(). Unlike socketserver's loop,
+        which wakes every ``poll_interval`` to look for a shutdown request,
+        this one sleeps until a client connects or shutdown() wakes it: an
+        idle hub costs no CPU, and it stops at once."""
+        self._stopped.clear()
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            selector.register(self._wake_reader, selectors.EVENT_READ)
+            try:
+                while not self._stopping.is_set():
+                    if selector.select() and not self._stopping.is_set():
+                        self._handle_request_noblock()
+            finally:
+                self._stopped.set()
 
     def get_request(self):
         """accept(), pausing after a failure for lack of resources: the
@@ -4187,8 +4206,15 @@ class HubServer(http.server.ThreadingHTTPServer):
         self._stopping.wait(self._accept_pause)
 
     def shutdown(self):
+        """Stop serve_forever() and wait for it (it must be running)."""
         self._stopping.set()
-        super().shutdown()
+        self._wake_writer.send(b"x")
+        self._stopped.wait()
+
+    def server_close(self):
+        super().server_close()
+        self._wake_reader.close()
+        self._wake_writer.close()
 
     def process_request(self, request, client_address):
         key = address_key(client_address[0])
@@ -4386,7 +4412,7 @@ class Hub:
         self.tunnels = TunnelBroker()
         self.relay = Relay(self.registry, self.bus, self.watcher, self.tunnels,
                            self.connect_timeout, self.backend_timeout, self.queue_timeout)
-        serving = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
+        serving = threading.Thread(target=self.server.serve_forever,
                                    name="http-accept", daemon=True)
         serving.start()
         self._threads.append(serving)

@@ -3421,6 +3421,7 @@ class TestEvents(HubTestCase):
         sock.connect(("127.0.0.1", self.port))
         self.addCleanup(sock.close)
         sock.sendall(b"GET /rooms/%s/events HTTP/1.1\r\nHost: x\r\n\r\n" % self.code.encode())
+        self.assertTrue(wait_until(lambda: len(self.hub.bus._rooms.get(self.code, ())) == 2))
         self.events.close()  # keep only the stalled one
         self.assertTrue(wait_until(lambda: len(self.hub.bus._rooms.get(self.code, ())) == 1))
         big = {"padding": "x" * 65536}

@@ -3456,14 +3456,22 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _preflight(self):
         """Answer a CORS preflight: any origin, the hub's methods, and the
-        headers asked for. A Private Network Access preflight (Chrome asks
-        one before a page of a public web site reaches a private address) is
-        refused: a hub on a LAN serves apps of its own network, never pages of
-        the internet."""
+        headers asked for; but only for reading and for the OpenAI routes. A
+        page of any site may use a room's models as an API client would, and
+        never change rooms or speak for a participant: JSON bodies need a
+        preflight, so refusing it stops the page. A Private Network Access
+        preflight (Chrome asks one before a page of a public web site reaches
+        a private address) is refused: a hub on a LAN serves apps of its own
+        network, never pages of the internet."""
         if self.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
             raise ApiError(403, "This hub does not answer web pages of public sites (Private "
                                 "Network Access); use a page or an app served from this network",
                            "private_network_refused")
+        method = self.headers.get("Access-Control-Request-Method", "GET").strip().upper()
+        if method not in ("GET", "HEAD") and not self._openai:
+            raise ApiError(403, "Web pages of other sites may read the hub and use a room's /v1 "
+                                "API, but not create rooms, join, leave or answer as a "
+                                "participant: use gambiarra.py or curl", "cross_origin_refused")
         headers = list(CORS_HEADERS[1:])
         requested = self.headers.get("Access-Control-Request-Headers", "").strip()
         if requested and len(requested) <= MAX_VIA_BYTES and _REQUESTED_HEADERS.match(requested):

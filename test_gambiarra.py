@@ -2820,11 +2820,31 @@ class TestWebPages(HubTestCase):
         response = self.preflight(path, Access_Control_Request_Headers="a b; c")
         self.assertEqual(response.getheader("Access-Control-Allow-Headers"),
                          "Content-Type, Authorization, X-Gambiarra-Secret")
+        response = self.preflight("/rooms/%s/participants" % self.code,
+                                  Access_Control_Request_Method="GET",
+                                  Access_Control_Request_Headers="authorization")
+        self.assertEqual(response.status, 204)  # reading, with the room's password
         for path in ("/rooms", "/health", path):  # a public site's page: never
             response = self.preflight(path, Access_Control_Request_Private_Network="true")
             self.assertEqual(response.status, 403, path)
             self.assertIsNone(response.getheader("Access-Control-Allow-Private-Network"))
             self.assertIsNone(response.getheader("Access-Control-Allow-Methods"))
+
+
+    def test_pages_of_other_sites_may_not_change_rooms_or_participants(self):
+        refused = (("POST", "/rooms"), ("POST", "/rooms/%s/join" % self.code),
+                   ("POST", "/rooms/%s/health" % self.code),
+                   ("DELETE", "/rooms/%s/leave/alice" % self.code),
+                   ("POST", "/rooms/%s/tunnel/alice/r1" % self.code))
+        for method, path in refused:
+            response = self.preflight(path, Access_Control_Request_Method=method,
+                                      Access_Control_Request_Headers="content-type")
+            self.assertEqual(response.status, 403, path)  # a failed preflight: not sent
+            self.assertIsNone(response.getheader("Access-Control-Allow-Methods"))
+        for api in ("chat/completions", "completions", "embeddings"):
+            response = self.preflight("/rooms/%s/v1/%s" % (self.code, api),
+                                      Access_Control_Request_Headers="content-type")
+            self.assertEqual(response.status, 204, api)
 
 
 class RogueHubHandler(http.server.BaseHTTPRequestHandler):

@@ -126,6 +126,14 @@ PASSWORD_FROM_INPUT = "-"
 #: Largest request body the hub reads (the OpenAI API has no fixed limit;
 #: 32 MiB fits long chats with images).
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+#: Memory for the request bodies the hub holds at once (serve --max-body-memory).
+#: A body costs about 3 times its size while it is decoded (its bytes, its
+#: text, its JSON values); bodies up to SMALL_BODY_BYTES are not counted (the
+#: connection caps bound them). Without it, one laptop's 128 connections
+#: sending 32 MiB each would take 12 GiB.
+DEFAULT_MAX_BODY_MEMORY = 256 * 1024 * 1024
+BODY_MEMORY_FACTOR = 3
+SMALL_BODY_BYTES = 64 * 1024
 #: Time to open a TCP connection to a participant's server.
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 #: Longest silence from a backend before its first byte or between chunks.
@@ -650,6 +658,29 @@ def normalize_endpoint(url):
     if path.endswith("/v1"):
         path = path[:-3]
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path.rstrip("/"), "", ""))
+
+
+class MemoryBudget:
+    """A number of bytes that holders take and give back; ``_lock`` guards
+    ``used``. Taking never waits: a request that does not fit is refused at
+    once, while it holds nothing else."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, size):
+        """True if ``size`` more bytes fit (and are now taken)."""
+        with self._lock:
+            if self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def give(self, size):
+        with self._lock:
+            self.used -= size
 
 
 class RepeatingTimer(threading.Timer):
@@ -3331,6 +3362,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
         self._head_sent = self._chunked = self._openai = False  # a 414 comes before
         self._body_read = True                                  # parse_request()
         self._pace = None  # (start of the body's grace, bytes read) while a body is paced
+        self._held = 0  # bytes of the hub's body memory this request holds
 
     def finish(self):
         call = self._lifeline
@@ -3453,6 +3485,7 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
                                          "internal_error"))
         finally:
             self._discard_unread_body()
+            self._release_body_memory()
 
     def _preflight(self):
         """Answer a CORS preflight: any origin, the hub's methods, and the
@@ -3590,8 +3623,38 @@ class HubRequestHandler(http.server.BaseHTTPRequestHandler):
                         % self.hub.max_body, "request_too_large")
 
     def read_body(self):
-        """The whole request body (Content-Length or chunked), within --max-body."""
-        return b"".join(self._body_pieces(self.hub.max_body))
+        """The whole request body (Content-Length or chunked), within
+        --max-body and the hub's memory for bodies (--max-body-memory), which
+        it holds until the request is answered."""
+        pieces, size = [], 0
+        if not self._body_is_chunked():
+            self._hold_body_memory(self._content_length() or 0)  # refused before reading
+        with contextlib.closing(self._body_pieces(self.hub.max_body)) as arriving:
+            for data in arriving:
+                size += len(data)
+                self._hold_body_memory(size)
+                pieces.append(data)
+        return b"".join(pieces)
+
+    def _hold_body_memory(self, size):
+        """Count a body of ``size`` bytes in the hub's memory for bodies: 503
+        when it does not fit (the client may retry; other bodies are being
+        answered and will give theirs back)."""
+        wanted = size * BODY_MEMORY_FACTOR if size > SMALL_BODY_BYTES else 0
+        if wanted <= self._held:
+            return
+        if not self.hub.body_memory.take(wanted - self._held):
+            self.close_connection = self._linger = True
+            raise ApiError(503, "The hub holds as many request bodies as its memory for them "
+                                "allows (--max-body-memory %d bytes); try again in a few seconds"
+                           % self.hub.body_memory.limit, "hub_busy",
+                           headers=[("Retry-After", str(RETRY_AFTER_S))])
+        self._held = wanted
+
+    def _release_body_memory(self):
+        if self._held:
+            self.hub.body_memory.give(self._held)
+            self._held = 0
 
     def _body_pieces(self, limit, paced=True):
         """The request body piece by piece as it arrives (at most
@@ -4361,7 +4424,8 @@ class Hub:
                  max_rooms=DEFAULT_MAX_ROOMS, max_participants=DEFAULT_MAX_PARTICIPANTS,
                  max_subscribers=DEFAULT_MAX_SUBSCRIBERS,
                  max_subscribers_per_address=DEFAULT_MAX_SUBSCRIBERS_PER_ADDRESS,
-                 max_specs_bytes=DEFAULT_MAX_SPECS_BYTES):
+                 max_specs_bytes=DEFAULT_MAX_SPECS_BYTES,
+                 max_body_memory=DEFAULT_MAX_BODY_MEMORY):
         self.host = host
         self.port = port
         self.max_body = max_body
@@ -4390,6 +4454,11 @@ class Hub:
                       if state_path else None)
         self.bus = EventBus(max_subscribers, max_subscribers_per_address)
         self.max_specs_bytes = max_specs_bytes
+        if max_body_memory < max_body * BODY_MEMORY_FACTOR:
+            raise GambiarraError("--max-body-memory (%d) must hold one body of --max-body (%d "
+                                 "bytes, counted %d times)" % (max_body_memory, max_body,
+                                                               BODY_MEMORY_FACTOR))
+        self.body_memory = MemoryBudget(max_body_memory)
         #: Whether a client address (and the address it reached) is this
         #: machine: a join from there may name an endpoint on this machine.
         #: Tests replace it to play a client on another machine.
@@ -6792,6 +6861,11 @@ def build_parser():
                        metavar="BYTES",
                        help="largest 'specs' and 'config' of a join, each, as JSON; larger "
                             "get 413 (default: %(default)s)")
+    serve.add_argument("--max-body-memory", type=positive_int, default=DEFAULT_MAX_BODY_MEMORY,
+                       metavar="BYTES",
+                       help="memory for the request bodies held at once, each over %d KiB "
+                            "counted %d times its size; more get 503 (default: %%(default)s)"
+                            % (SMALL_BODY_BYTES // 1024, BODY_MEMORY_FACTOR))
     serve.set_defaults(func=cmd_serve)
 
     create = add_command(
@@ -7084,7 +7158,7 @@ def cmd_serve(args):
               max_rooms=args.max_rooms, max_participants=args.max_participants,
               max_subscribers=args.max_subscribers,
               max_subscribers_per_address=args.max_subscribers_per_address,
-              max_specs_bytes=args.max_specs_bytes)
+              max_specs_bytes=args.max_specs_bytes, max_body_memory=args.max_body_memory)
     # Process-wide settings, so here and not in Hub.start(): every thread of
     # this process is the hub's (see THREAD_STACK_BYTES), and the file limit
     # sets how many connections it can hold.

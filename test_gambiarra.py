@@ -1093,6 +1093,59 @@ class TestDeepJsonInServe(unittest.TestCase):
         self.assertEqual(process.wait(WAIT_S), 0)
 
 
+class TestBodyMemory(HubTestCase):
+    """One laptop cannot fill the hub's memory with big request bodies: the
+    bodies held at once share --max-body-memory; small ones are not counted."""
+
+    hub_options = {"max_body": 1 << 20, "max_body_memory": 3 << 20}
+
+    def setUp(self):
+        super().setUp()
+        self.code = self.create_room()
+        self.fake = self.backend()
+        self.join(self.code, self.fake)
+        self.path = "/rooms/%s/v1/chat/completions" % self.code
+
+    @staticmethod
+    def body(size, **fake):
+        return json.dumps({"model": "fake-model", "fake": fake,
+                           "messages": [{"role": "user", "content": "x" * size}]}).encode()
+
+    def hold_one(self, size):
+        """A body of about ``size`` bytes that the participant's server holds."""
+        held = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        self.addCleanup(held.close)
+        body = self.body(size, stall_before=True)
+        held.request("POST", self.path, body=body, headers=JSON)
+        self.assertTrue(wait_until(lambda: len(self.fake.requests) == 1))
+        self.assertEqual(self.hub.body_memory.used, 3 * len(body))
+        return held
+
+    def test_big_bodies_share_the_memory_small_ones_pass(self):
+        held = self.hold_one(700000)
+        status, headers, answer = post_raw(self.port, self.path, self.body(700000))
+        self.assertEqual(status, 503)
+        self.assertEqual(headers["Retry-After"], str(gambiarra.RETRY_AFTER_S))
+        self.assertEqual(json.loads(answer)["error"]["code"], "hub_busy")
+        self.assertIn("--max-body-memory", json.loads(answer)["error"]["message"])
+        self.assertEqual(self.request("POST", self.path, raw=self.body(30000))[0], 200)
+        self.fake.release.set()
+        self.assertEqual(held.getresponse().status, 200)
+        self.assertTrue(wait_until(lambda: self.hub.body_memory.used == 0))
+        self.assertEqual(post_raw(self.port, self.path, self.body(700000))[0], 200)
+
+    def test_a_chunked_body_is_counted_as_it_grows(self):
+        self.hold_one(700000)
+        status, _, answer = post_raw(self.port, self.path, self.body(400000), chunked=True)
+        self.assertEqual(status, 503)
+        self.assertEqual(self.hub.body_memory.used, 3 * len(self.body(700000, stall_before=True)))
+        self.fake.release.set()
+
+    def test_the_memory_must_hold_one_body_of_the_largest_size(self):
+        with self.assertRaises(gambiarra.GambiarraError):
+            gambiarra.Hub(max_body=1 << 20, max_body_memory=(3 << 20) - 1)
+
+
 class TestBodyLimit(HubTestCase):
     hub_options = {"max_body": 1000}
 

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import unittest
 import unittest.mock
 import urllib.error
@@ -1040,6 +1041,29 @@ class TestSendDeadline(HubTestCase):
         self.assertTrue(wait_until(lambda: self.hub.server.open_connections() == 0))
         self.assertLess(time.monotonic() - started, 3)
         self.assertEqual(self.request("GET", "/health")[0], 200)
+
+
+class TestJsonDepthGuard(unittest.TestCase):
+    """json_too_deep: exact about strings, and cheap on any body."""
+
+    def test_brackets_in_strings_never_count_whatever_the_escapes(self):
+        for text in ("[" * 1000, '\\"' + "{" * 1000, '\\"[[[[' * 300, "x\\", '\\\\"[' * 600):
+            raw = json.dumps({"a": text, "b": [[1]] * 2000}).encode()
+            self.assertFalse(gambiarra.json_too_deep(raw), text[:12])
+        deep = {"a": '\\"\\\\'}
+        for _ in range(600):
+            deep = [deep]
+        self.assertTrue(gambiarra.json_too_deep(json.dumps(deep).encode()))
+
+    def test_a_long_string_of_brackets_costs_no_memory_to_skip(self):
+        raw = json.dumps({"messages": "[]," * (1 << 20)}).encode()  # 3 MiB
+        tracemalloc.start()
+        try:
+            self.assertFalse(gambiarra.json_too_deep(raw))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 4 * len(raw))  # the regex that skipped strings took 445 MiB
 
 
 class TestDeepJsonInServe(unittest.TestCase):

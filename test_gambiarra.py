@@ -1121,7 +1121,7 @@ class TestBodyMemory(HubTestCase):
     """One laptop cannot fill the hub's memory with big request bodies: the
     bodies held at once share --max-body-memory; small ones are not counted."""
 
-    hub_options = {"max_body": 1 << 20, "max_body_memory": 3 << 20}
+    hub_options = {"max_body": 1 << 20, "max_body_memory": gambiarra.BODY_MEMORY_FACTOR << 20}
 
     def setUp(self):
         super().setUp()
@@ -1142,7 +1142,7 @@ class TestBodyMemory(HubTestCase):
         body = self.body(size, stall_before=True)
         held.request("POST", self.path, body=body, headers=JSON)
         self.assertTrue(wait_until(lambda: len(self.fake.requests) == 1))
-        self.assertEqual(self.hub.body_memory.used, 3 * len(body))
+        self.assertEqual(self.hub.body_memory.used, gambiarra.BODY_MEMORY_FACTOR * len(body))
         return held
 
     def test_big_bodies_share_the_memory_small_ones_pass(self):
@@ -1162,12 +1162,14 @@ class TestBodyMemory(HubTestCase):
         self.hold_one(700000)
         status, _, answer = post_raw(self.port, self.path, self.body(400000), chunked=True)
         self.assertEqual(status, 503)
-        self.assertEqual(self.hub.body_memory.used, 3 * len(self.body(700000, stall_before=True)))
+        self.assertEqual(self.hub.body_memory.used,
+                         gambiarra.BODY_MEMORY_FACTOR * len(self.body(700000, stall_before=True)))
         self.fake.release.set()
 
     def test_the_memory_must_hold_one_body_of_the_largest_size(self):
         with self.assertRaises(gambiarra.GambiarraError):
-            gambiarra.Hub(max_body=1 << 20, max_body_memory=(3 << 20) - 1)
+            gambiarra.Hub(max_body=1 << 20,
+                          max_body_memory=(gambiarra.BODY_MEMORY_FACTOR << 20) - 1)
 
 
 class TestBodyLimit(HubTestCase):

@@ -6767,6 +6767,51 @@ def add_command(commands, name, **options):
                                **options)
 
 
+#: The serve flags that set the hub's limits against a crowd or an attacker
+#: on the network: (flag, type, default, metavar, help). Each one's value goes
+#: to the Hub keyword of the same name (--max-rooms: max_rooms).
+LIMIT_OPTIONS = (
+    ("--max-connections", positive_int, DEFAULT_MAX_CONNECTIONS, "N",
+     "client connections held at once, lowered to fit ulimit -n; more get 503"),
+    ("--max-connections-per-address", positive_int, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, "N",
+     "client connections one address (an IPv6 /64) holds at once; more get 503"),
+    ("--client-timeout", positive_float, CLIENT_IDLE_TIMEOUT_S, "S",
+     "a client connection idle between requests, silent mid-body or not reading its "
+     "answer this long is closed"),
+    ("--header-timeout", positive_float, DEFAULT_HEADER_TIMEOUT_S, "S",
+     "a request's whole head must arrive within this; then 408"),
+    ("--min-body-rate", positive_int, DEFAULT_MIN_BODY_RATE, "BYTES",
+     "bytes/s a request body must keep up after %g s; then 408" % BODY_GRACE_S),
+    ("--max-header-bytes", positive_int, DEFAULT_MAX_HEADER_BYTES, "BYTES",
+     "largest header block of a request; then 431"),
+    ("--max-body-memory", positive_int, DEFAULT_MAX_BODY_MEMORY, "BYTES",
+     "memory for the request bodies held at once, each over %d KiB counted %d times its "
+     "size; more get 503" % (SMALL_BODY_BYTES // 1024, BODY_MEMORY_FACTOR)),
+    ("--max-password-checks", positive_int, DEFAULT_MAX_PASSWORD_CHECKS, "N",
+     "room passwords hashed at once (scrypt, 4 MiB each); others wait their turn, up to "
+     "%g s, then 503" % PASSWORD_CHECK_WAIT_S),
+    ("--password-failures", positive_int, DEFAULT_PASSWORD_FAILURES, "N",
+     "wrong room passwords from one address within a minute before it gets 429 for %g s, "
+     "doubled at each further wrong one up to %g s" % (PASSWORD_PENALTY_S,
+                                                       PASSWORD_PENALTY_MAX_S)),
+    ("--max-rooms", positive_int, DEFAULT_MAX_ROOMS, "N",
+     "rooms the hub holds; more are refused with 503"),
+    ("--max-participants", positive_int, DEFAULT_MAX_PARTICIPANTS, "N",
+     "participants per room; more joins are refused with 503"),
+    ("--max-subscribers", positive_int, DEFAULT_MAX_SUBSCRIBERS, "N",
+     "open event streams per room; more get 503"),
+    ("--max-subscribers-per-address", positive_int, DEFAULT_MAX_SUBSCRIBERS_PER_ADDRESS, "N",
+     "open event streams per client address, all rooms together; more get 429"),
+    ("--max-specs-bytes", positive_int, DEFAULT_MAX_SPECS_BYTES, "BYTES",
+     "largest 'specs' and 'config' of a join, each, as JSON; larger get 413"),
+)
+
+
+def limit_keyword(flag):
+    """The Hub keyword a LIMIT_OPTIONS flag sets: --max-rooms -> max_rooms."""
+    return flag[2:].replace("-", "_")
+
+
 def build_parser():
     parser = OneLineErrorParser(
         prog="gambiarra.py",
@@ -6818,62 +6863,9 @@ def build_parser():
     serve.add_argument("--mdns", action="store_true",
                        help="advertise the hub on the local network (mDNS/DNS-SD), so "
                             "clients find it without --hub")
-    serve.add_argument("--max-password-checks", type=positive_int,
-                       default=DEFAULT_MAX_PASSWORD_CHECKS, metavar="N",
-                       help="room passwords hashed at once (scrypt, 4 MiB each); others wait "
-                            "their turn, up to %g s, then 503 (default: %%(default)s)"
-                            % PASSWORD_CHECK_WAIT_S)
-    serve.add_argument("--password-failures", type=positive_int,
-                       default=DEFAULT_PASSWORD_FAILURES, metavar="N",
-                       help="wrong room passwords from one address within a minute before "
-                            "it gets 429 for %g s, doubled at each further wrong one up to "
-                            "%g s (default: %%(default)s)"
-                            % (PASSWORD_PENALTY_S, PASSWORD_PENALTY_MAX_S))
-    serve.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
-                       metavar="N", help="client connections held at once; more get 503 "
-                                         "(default: %(default)s, lowered to fit ulimit -n)")
-    serve.add_argument("--max-connections-per-address", type=positive_int,
-                       default=DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, metavar="N",
-                       help="client connections one address (an IPv6 /64) holds at once; "
-                            "more get 503 (default: %(default)s)")
-    serve.add_argument("--client-timeout", type=positive_float, default=CLIENT_IDLE_TIMEOUT_S,
-                       metavar="S", help="a client connection idle between requests, silent "
-                                         "mid-body or not reading its answer this long is "
-                                         "closed (default: %(default)s)")
-    serve.add_argument("--header-timeout", type=positive_float,
-                       default=DEFAULT_HEADER_TIMEOUT_S, metavar="S",
-                       help="a request's whole head must arrive within this; then 408 "
-                            "(default: %(default)s)")
-    serve.add_argument("--min-body-rate", type=positive_int, default=DEFAULT_MIN_BODY_RATE,
-                       metavar="BYTES", help="bytes/s a request body must keep up after %g s; "
-                                             "then 408 (default: %%(default)s)" % BODY_GRACE_S)
-    serve.add_argument("--max-header-bytes", type=positive_int,
-                       default=DEFAULT_MAX_HEADER_BYTES, metavar="BYTES",
-                       help="largest header block of a request; then 431 "
-                            "(default: %(default)s)")
-    serve.add_argument("--max-rooms", type=positive_int, default=DEFAULT_MAX_ROOMS, metavar="N",
-                       help="rooms the hub holds; more are refused with 503 "
-                            "(default: %(default)s)")
-    serve.add_argument("--max-participants", type=positive_int,
-                       default=DEFAULT_MAX_PARTICIPANTS, metavar="N",
-                       help="participants per room; more joins are refused with 503 "
-                            "(default: %(default)s)")
-    serve.add_argument("--max-subscribers", type=positive_int, default=DEFAULT_MAX_SUBSCRIBERS,
-                       metavar="N", help="open event streams per room; more get 503 "
-                                         "(default: %(default)s)")
-    serve.add_argument("--max-subscribers-per-address", type=positive_int,
-                       default=DEFAULT_MAX_SUBSCRIBERS_PER_ADDRESS, metavar="N",
-                       help="open event streams per client address, all rooms together; "
-                            "more get 429 (default: %(default)s)")
-    serve.add_argument("--max-specs-bytes", type=positive_int, default=DEFAULT_MAX_SPECS_BYTES,
-                       metavar="BYTES",
-                       help="largest 'specs' and 'config' of a join, each, as JSON; larger "
-                            "get 413 (default: %(default)s)")
-    serve.add_argument("--max-body-memory", type=positive_int, default=DEFAULT_MAX_BODY_MEMORY,
-                       metavar="BYTES",
-                       help="memory for the request bodies held at once, each over %d KiB "
-                            "counted %d times its size; more get 503 (default: %%(default)s)"
-                            % (SMALL_BODY_BYTES // 1024, BODY_MEMORY_FACTOR))
+    for flag, kind, default, metavar, text in LIMIT_OPTIONS:
+        serve.add_argument(flag, type=kind, default=default, metavar=metavar,
+                           help=text + " (default: %(default)s)")
     serve.set_defaults(func=cmd_serve)
 
     create = add_command(
@@ -7157,16 +7149,8 @@ def cmd_serve(args):
               participant_timeout=args.participant_timeout, forget_after=args.forget_after,
               room_ttl=args.room_ttl, queue_timeout=args.queue_timeout,
               state_path=default_state_path(args.port) if args.state is None else args.state,
-              max_password_checks=args.max_password_checks,
-              password_failures=args.password_failures,
-              client_timeout=args.client_timeout, max_connections=args.max_connections,
-              max_connections_per_address=args.max_connections_per_address,
-              header_timeout=args.header_timeout, min_body_rate=args.min_body_rate,
-              max_header_bytes=args.max_header_bytes,
-              max_rooms=args.max_rooms, max_participants=args.max_participants,
-              max_subscribers=args.max_subscribers,
-              max_subscribers_per_address=args.max_subscribers_per_address,
-              max_specs_bytes=args.max_specs_bytes, max_body_memory=args.max_body_memory)
+              **{limit_keyword(flag): getattr(args, limit_keyword(flag))
+                 for flag, *_ in LIMIT_OPTIONS})
     # Process-wide settings, so here and not in Hub.start(): every thread of
     # this process is the hub's (see THREAD_STACK_BYTES), and the file limit
     # sets how many connections it can hold.

@@ -210,7 +210,27 @@ class FakeBackendHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class FakeBackend:
+class ServerInThread:
+    """A test HTTP server on 127.0.0.1 (a port of its own), serving in a
+    thread until close(); ``attributes`` are set on the server for its
+    handlers to find."""
+
+    def __init__(self, handler, **attributes):
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        vars(self.server).update(attributes)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(WAIT_S)
+
+
+class FakeBackend(ServerInThread):
     """A fake OpenAI-compatible server on 127.0.0.1, port 0, in a thread."""
 
     def __init__(self, models=("fake-model",)):
@@ -221,19 +241,11 @@ class FakeBackend:
         self.lock = threading.Lock()
         self.release = threading.Event()
         self.disconnected = threading.Event()
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeBackendHandler)
-        self.server.daemon_threads = True
-        self.server.backend = self
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        ServerInThread.__init__(self, FakeBackendHandler, backend=self)
 
     def close(self):
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(WAIT_S)
+        ServerInThread.close(self)
 
     def last_body(self):
         with self.lock:
@@ -286,6 +298,12 @@ class HubTestCase(unittest.TestCase):
     def check_no_thread_leak(self):
         leaked = not wait_until(lambda: threading.active_count() <= self.threads_before)
         self.assertFalse(leaked, "threads left: %s" % threading.enumerate())
+
+    def patch(self, target, name, value):
+        """Set ``target.name`` to ``value`` for this test."""
+        patcher = unittest.mock.patch.object(target, name, value)
+        patcher.start()
+        self.addCleanup(patcher.stop)
 
     def backend(self, **kwargs):
         backend = FakeBackend(**kwargs)
@@ -848,9 +866,7 @@ class TestCrowdedKeepAlive(HubTestCase):
 
     def setUp(self):
         super().setUp()
-        patcher = unittest.mock.patch.object(gambiarra, "BUSY_KEEPALIVE_S", 0.05)
-        patcher.start()
-        self.addCleanup(patcher.stop)
+        self.patch(gambiarra, "BUSY_KEEPALIVE_S", 0.05)
 
     def kept_alive(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
@@ -974,9 +990,7 @@ class TestMinBodyRate(HubTestCase):
 
     def setUp(self):
         super().setUp()
-        patcher = unittest.mock.patch.object(gambiarra, "BODY_GRACE_S", 0.1)
-        patcher.start()
-        self.addCleanup(patcher.stop)
+        self.patch(gambiarra, "BODY_GRACE_S", 0.1)
 
     def test_a_body_slower_than_the_minimum_rate_gets_408(self):
         with connect(self.port) as sock:
@@ -2121,11 +2135,6 @@ class TestEndpointsOnTheHubMachine(HubTestCase):
             self.assertEqual(self.chat(self.code, "mallory")[0], 200)
         self.assertEqual((len(self.fake.requests), self.fake.connections), (3, 1))  # pooled
 
-    def patch(self, target, name, value):
-        patcher = unittest.mock.patch.object(target, name, value)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-
 
 class TestCaps(HubTestCase):
     hub_options = {"max_rooms": 3, "max_participants": 2, "max_subscribers": 2,
@@ -2200,13 +2209,33 @@ class TestCaps(HubTestCase):
         args = gambiarra.build_parser().parse_args([
             "serve", "--max-rooms", "5", "--max-participants", "6", "--max-subscribers", "7",
             "--max-subscribers-per-address", "8", "--max-specs-bytes", "9"])
-        with unittest.mock.patch.object(gambiarra, "serve_until") as serve_until, \
-                unittest.mock.patch.object(gambiarra.logging, "basicConfig"):
-            gambiarra.cmd_serve(args)
-        hub = serve_until.call_args[0][0]
+        hub = serve_with(args)
         self.assertEqual((hub.registry.max_rooms, hub.registry.max_participants,
                           hub.bus.max_per_room, hub.bus.max_per_address, hub.max_specs_bytes),
                          (5, 6, 7, 8, 9))
+
+
+    def test_every_limit_flag_reaches_the_hub(self):
+        argv, expected = ["serve"], {}
+        for number, (flag, kind, default, _, _) in enumerate(gambiarra.LIMIT_OPTIONS, 2):
+            value = kind(str(number * 1000))
+            argv += [flag, str(value)]
+            expected[gambiarra.limit_keyword(flag)] = value
+        with unittest.mock.patch.object(gambiarra, "Hub") as hub:
+            serve_with(gambiarra.build_parser().parse_args(argv))
+        given = hub.call_args[1]
+        self.assertEqual({keyword: given[keyword] for keyword in expected}, expected)
+
+
+def serve_with(args):
+    """The hub ``serve`` makes of ``args``, without serving (nor changing this
+    process's thread stack size or file limit)."""
+    with unittest.mock.patch.object(gambiarra, "serve_until") as serve_until, \
+            unittest.mock.patch.object(gambiarra.logging, "basicConfig"), \
+            unittest.mock.patch.object(gambiarra.threading, "stack_size"), \
+            unittest.mock.patch.object(gambiarra, "raise_open_file_limit"):
+        gambiarra.cmd_serve(args)
+    return serve_until.call_args[0][0]
 
 
 class TestHiddenParticipantIds(HubTestCase):
@@ -2981,25 +3010,14 @@ class RogueHubHandler(http.server.BaseHTTPRequestHandler):
                 return data
 
 
-class RogueHub:
+class RogueHub(ServerInThread):
     def __init__(self, paths):
         self.paths = list(paths)
         self.uploads = []  # (request id, headers, body)
         self.lock = threading.Lock()
         self.idle = threading.Event()  # every job handed out
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RogueHubHandler)
-        self.server.daemon_threads = True
-        self.server.rogue = self
-        self.server.handle_error = lambda request, address: None  # an agent that stopped
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(WAIT_S)
+        ServerInThread.__init__(self, RogueHubHandler, rogue=self,
+                                handle_error=lambda request, address: None)  # agents that stop
 
 
 class TestAgentForwardsOnlyInference(unittest.TestCase):
@@ -4945,8 +4963,10 @@ class TestMonitorScreen(unittest.TestCase):
         self.assertIn("event 49", window.text())  # the latest ones
 
 
-class TestClientCommands(HubTestCase):
-    """list, chat and monitor in-process against a real hub and a fake backend."""
+class TwoRooms:
+    """For a HubTestCase: an open room (``code``), a protected one
+    (``locked``), a fake backend, and no GAMBIARRA_PASSWORD from the
+    developer's environment."""
 
     run_main = TestCli.run_main
 
@@ -4963,6 +4983,10 @@ class TestClientCommands(HubTestCase):
     def join_both(self):
         self.join(self.code, self.fake)
         self.join(self.locked, self.fake, pid="bob", password=PASSWORD)
+
+
+class TestClientCommands(TwoRooms, HubTestCase):
+    """list, chat and monitor in-process against a real hub and a fake backend."""
 
     def test_list_shows_participants_and_models(self):
         self.join_both()
@@ -5121,23 +5145,10 @@ class TerminalInput(io.StringIO):
         return True
 
 
-class TestPasswordInput(HubTestCase):
+class TestPasswordInput(TwoRooms, HubTestCase):
     """Passwords without `ps` seeing them (issue 10, item 5): the variable,
     --password alone (a prompt on a terminal, a line of stdin otherwise), and a
     401 in chat that asks once."""
-
-    run_main = TestCli.run_main
-    join_both = TestClientCommands.join_both
-
-    def setUp(self):
-        super().setUp()
-        saved = os.environ.pop("GAMBIARRA_PASSWORD", None)  # a developer's own must not leak in
-        if saved is not None:
-            self.addCleanup(os.environ.__setitem__, "GAMBIARRA_PASSWORD", saved)
-        self.code = self.create_room("Open")
-        self.locked = self.request("POST", "/rooms", {"name": "Lab", "password": PASSWORD}
-                                   )[2]["room"]["code"]
-        self.fake = self.backend()
 
     def test_environment_variable_for_every_command(self):
         self.join_both()

@@ -3598,8 +3598,8 @@ class TestHubLifecycle(unittest.TestCase):
             conn.request("POST", "/rooms", body=b'{"name": "r"}', headers=JSON)
             code = json.loads(conn.getresponse().read())["room"]["code"]  # kept alive
             events = EventStream(hub.port, code)
-            conn.request("POST", "/rooms/%s/join" % code, body=json.dumps(
-                {"id": "a", "nickname": "A", "model": "m", "endpoint": backend.url}).encode(), headers=JSON)
+            conn.request("POST", "/rooms/%s/join" % code, headers=JSON, body=json.dumps(
+                {"id": "a", "nickname": "A", "model": "m", "endpoint": backend.url}).encode())
             conn.getresponse().read()
             stalled = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=WAIT_S)
             stalled.request("POST", "/rooms/%s/v1/chat/completions" % code, body=json.dumps(
@@ -5855,6 +5855,12 @@ async def bench_big_answer_to(writer, size):
         await writer.drain()
 
 
+def bench_post(url, data):
+    """POST JSON ``data`` (bytes) to the hub under test; the answer's bytes."""
+    return urllib.request.urlopen(urllib.request.Request(
+        url, data=data, method="POST", headers=JSON), timeout=WAIT_S).read()
+
+
 def run_bench_fake_backend():
     """python3 test_gambiarra.py bench-fake-backend: the tests' FakeBackend
     (http.server, like most small OpenAI-compatible servers) until stdin closes."""
@@ -6142,14 +6148,11 @@ def bench_crowd_default_caps(backend_port):
     port = free_port()
     hub, _ = start_bench_hub(port, caps=())
     try:
-        code = json.loads(urllib.request.urlopen(urllib.request.Request(
-            "http://127.0.0.1:%d/rooms" % port, data=b'{"name": "crowd"}', method="POST"),
-            timeout=WAIT_S).read())["room"]["code"]
+        code = json.loads(bench_post("http://127.0.0.1:%d/rooms" % port,
+                                     b'{"name": "crowd"}'))["room"]["code"]
         join = json.dumps({"id": "bench", "nickname": "bench", "model": "bench-model",
                            "endpoint": "http://127.0.0.1:%d" % backend_port}).encode()
-        urllib.request.urlopen(urllib.request.Request(
-            "http://127.0.0.1:%d/rooms/%s/join" % (port, code), data=join, method="POST"),
-            timeout=WAIT_S).read()
+        bench_post("http://127.0.0.1:%d/rooms/%s/join" % (port, code), join)
         asyncio.run(bench_crowd(hub.pid, (port, "/rooms/%s/v1/chat/completions" % code),
                                 "default caps: 128 held, the rest refused"))
     finally:
@@ -6175,15 +6178,12 @@ def run_bench():
     hub_port = free_port()
     hub, _ = start_bench_hub(hub_port)
     try:
-        code = json.loads(urllib.request.urlopen(urllib.request.Request(
-            "http://127.0.0.1:%d/rooms" % hub_port, data=b'{"name": "bench"}',
-            method="POST"), timeout=WAIT_S).read())["room"]["code"]
+        code = json.loads(bench_post("http://127.0.0.1:%d/rooms" % hub_port,
+                                     b'{"name": "bench"}'))["room"]["code"]
         join = json.dumps({"id": "bench", "nickname": "bench", "model": "bench-model",
                            "endpoint": "http://127.0.0.1:%d" % backend_port,
                            "maxConcurrent": 1000}).encode()
-        urllib.request.urlopen(urllib.request.Request(
-            "http://127.0.0.1:%d/rooms/%s/join" % (hub_port, code), data=join,
-            method="POST"), timeout=WAIT_S).read()
+        bench_post("http://127.0.0.1:%d/rooms/%s/join" % (hub_port, code), join)
         via_hub = (hub_port, "/rooms/%s/v1/chat/completions" % code)
         direct = (backend_port, "/v1/chat/completions")
         bench_big_answer(hub.pid, via_hub, direct)
@@ -6246,9 +6246,7 @@ def bench_http_server_backend(hub_port, code):
         port = int(fake.stdout.readline())
         join = json.dumps({"id": "fake", "nickname": "fake", "model": "fake-model",
                            "endpoint": "http://127.0.0.1:%d" % port}).encode()
-        urllib.request.urlopen(urllib.request.Request(
-            "http://127.0.0.1:%d/rooms/%s/join" % (hub_port, code), data=join,
-            method="POST"), timeout=WAIT_S).read()
+        bench_post("http://127.0.0.1:%d/rooms/%s/join" % (hub_port, code), join)
         path = "/rooms/%s/v1/chat/completions" % code
 
         async def measure():
